@@ -1,0 +1,39 @@
+"""fbrain: SpeechBrain's training loop as pure functions over one immutable TrainState.
+
+Example::
+
+    >>> import torch, fbrain
+    >>> from fbrain import optim
+    >>> model = torch.nn.Linear(3, 1)
+    >>> opt = optim.adam(lr=1e-2)
+    >>> state = fbrain.TrainState.create(model, opt, seed=0)
+    >>> def loss_fn(params, buffers, batch, rng):
+    ...     pred, _ = fbrain.apply_module(model, params, buffers, batch["x"])
+    ...     return ((pred - batch["y"]) ** 2).mean()
+    >>> step = fbrain.make_train_step(loss_fn, opt)
+    >>> state, metrics = step(state, {"x": torch.randn(4, 3), "y": torch.randn(4, 1)})
+"""
+
+from fbrain import optim, rng, tree
+from fbrain.ensemble import ensemble_step, stack_states, unstack_states
+from fbrain.functional import apply_module
+from fbrain.gradients import per_example_grads
+from fbrain.loss_scale import DynamicLossScale, LossScaleState
+from fbrain.state import Counters, TrainState
+from fbrain.step import (
+    EvalStep,
+    TrainStep,
+    make_eval_step,
+    make_train_step,
+    micro_batches,
+    stack_micro_batches,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Counters", "DynamicLossScale", "EvalStep", "LossScaleState", "TrainState", "TrainStep",
+    "apply_module", "ensemble_step", "make_eval_step", "make_train_step", "micro_batches",
+    "optim", "per_example_grads", "rng", "stack_micro_batches", "stack_states", "tree",
+    "unstack_states",
+]

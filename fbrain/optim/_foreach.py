@@ -1,0 +1,95 @@
+"""Multi-tensor arithmetic for the optimizers and the step.
+
+Each function takes lists of tensors and calls the matching ``torch._foreach_*``
+kernel (one call for the whole list). Under ``vmap`` (ensembles, per-example
+steps) those kernels have no batching rule, so batched inputs fall back to one
+ordinary op per tensor, which vmap understands.
+
+Example::
+
+    >>> import torch
+    >>> from fbrain.optim import _foreach as fe
+    >>> fe.mul([torch.ones(2), torch.ones(3)], torch.tensor(2.0))[1]
+    tensor([2., 2., 2.])
+"""
+
+from __future__ import annotations
+
+import torch
+
+_is_batched = torch._C._functorch.is_batchedtensor
+
+
+def _any_batched(*args) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor) and _is_batched(a):
+            return True
+        if isinstance(a, (list, tuple)) and any(_is_batched(t) for t in a):
+            return True
+    return False
+
+
+def _pairs(a, b):
+    return zip(a, b) if isinstance(b, (list, tuple)) else ((x, b) for x in a)
+
+
+def _binary(name: str):
+    multi, single = getattr(torch, f"_foreach_{name}"), getattr(torch, name)
+
+    def op(a, b):
+        return [single(x, y) for x, y in _pairs(a, b)] if _any_batched(a, b) else multi(a, b)
+
+    op.__name__ = name
+    return op
+
+
+def _binary_inplace(name: str):
+    multi = getattr(torch, f"_foreach_{name}_")
+
+    def op(a, b):
+        if _any_batched(a, b):
+            for x, y in _pairs(a, b):
+                getattr(x, f"{name}_")(y)
+        else:
+            multi(a, b)
+        return a
+
+    op.__name__ = f"{name}_"
+    return op
+
+
+def _unary(name: str):
+    multi, single = getattr(torch, f"_foreach_{name}"), getattr(torch, name)
+
+    def op(a):
+        return [single(x) for x in a] if _any_batched(a) else multi(a)
+
+    op.__name__ = name
+    return op
+
+
+add, sub, mul, div, maximum = (_binary(n) for n in ("add", "sub", "mul", "div", "maximum"))
+add_, mul_, div_ = (_binary_inplace(n) for n in ("add", "mul", "div"))
+sqrt, neg = _unary("sqrt"), _unary("neg")
+
+
+def norm(a: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The L2 norm of each tensor."""
+    return [torch.linalg.vector_norm(x) for x in a] if _any_batched(a) else list(torch._foreach_norm(a))
+
+
+def ordered(tree: dict[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
+    """Names and tensors of a flat dict, in one fixed order for the multi-tensor kernels."""
+    names = list(tree)
+    return names, [tree[n] for n in names]
+
+
+def decayed_gradients(grads, names, params, weight_decay, maximize):
+    """``(-)grads + weight_decay * params``: torch.optim's coupled (L2) weight decay."""
+    if maximize:
+        grads = neg(grads)
+    if weight_decay is not None:
+        if params is None:
+            raise ValueError("weight_decay needs the parameters: call update(grads, state, params)")
+        grads = add(grads, mul([params[n] for n in names], weight_decay))
+    return grads

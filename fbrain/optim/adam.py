@@ -1,0 +1,122 @@
+"""Adam and AdamW with torch.optim.Adam's semantics (bias correction, AMSGrad, maximize).
+
+Example::
+
+    >>> import torch
+    >>> from fbrain import optim
+    >>> opt = optim.adamw(lr=1e-3, weight_decay=1e-2)
+    >>> params = {"w": torch.ones(3)}
+    >>> updates, state = opt.update({"w": torch.ones(3)}, opt.init(params), params)
+    >>> int(state.count)
+    1
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fbrain.optim import hyperparams as hp
+from fbrain.optim import _foreach as fe
+from fbrain.optim._foreach import decayed_gradients, ordered
+from fbrain.optim.base import GradientTransformation
+
+
+class AdamState(NamedTuple):
+    count: torch.Tensor
+    mu: dict[str, torch.Tensor]
+    nu: dict[str, torch.Tensor]
+    nu_max: dict[str, torch.Tensor]
+    hyperparams: dict[str, torch.Tensor]
+
+
+def adam(
+    lr: hp.Hyperparam = 1e-3,
+    betas: tuple[hp.Hyperparam, hp.Hyperparam] = (0.9, 0.999),
+    eps: hp.Hyperparam = 1e-8,
+    weight_decay: hp.Hyperparam = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+) -> GradientTransformation:
+    """``torch.optim.Adam`` as a pure transformation (``decoupled_weight_decay`` makes it AdamW)."""
+    hp.validate("lr", lr)
+    hp.validate("eps", eps)
+    hp.validate("weight_decay", weight_decay)
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    hp.validate("betas[0]", betas[0], 0.0, 1.0)
+    hp.validate("betas[1]", betas[1], 0.0, 1.0)
+    has_decay = callable(weight_decay) or weight_decay != 0
+    schedules = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
+
+    def init(params):
+        zeros = lambda: {n: torch.zeros_like(p) for n, p in params.items()}  # noqa: E731
+        return AdamState(
+            count=torch.zeros((), dtype=torch.int64, device=hp.device_of(params)),
+            mu=zeros(),
+            nu=zeros(),
+            nu_max=zeros() if amsgrad else {},
+            hyperparams=hp.init(params, **schedules),
+        )
+
+    def update(grads, state, params=None):
+        h = hp.current(state.hyperparams, schedules, state.count)
+        lr_, b1, b2 = h["lr"], h["beta1"], h["beta2"]
+        count = state.count + 1
+        names, g = ordered(grads)
+        decay = h["weight_decay"] if has_decay else None
+        g = decayed_gradients(g, names, params, None if decoupled_weight_decay else decay, maximize)
+
+        # mu <- lerp(mu, g, 1 - beta1): the same arithmetic as torch's lerp for weights < 0.5.
+        mu = fe.sub(g, [state.mu[n] for n in names])
+        fe.mul_(mu, 1 - b1)
+        fe.add_(mu, [state.mu[n] for n in names])
+        # nu <- beta2 * nu + (1 - beta2) * g * g
+        nu = fe.mul([state.nu[n] for n in names], b2)
+        g2 = fe.mul(g, g)
+        fe.mul_(g2, 1 - b2)
+        fe.add_(nu, g2)
+        second = nu
+        nu_max = state.nu_max
+        if amsgrad:
+            second = fe.maximum([nu_max[n] for n in names], nu)
+            nu_max = {**nu_max, **dict(zip(names, second))}
+
+        bias_correction1 = 1 - b1**count
+        bias_correction2_sqrt = torch.sqrt(1 - b2**count)
+        denom = fe.sqrt(second)
+        fe.div_(denom, bias_correction2_sqrt)
+        fe.add_(denom, h["eps"])
+        updates = fe.div(mu, denom)
+        fe.mul_(updates, -(lr_ / bias_correction1))
+        if decoupled_weight_decay and decay is not None:
+            # AdamW shrinks the parameters by (1 - lr * wd) before the Adam step. torch multiplies by
+            # that factor rounded to the parameters' dtype; rounding it the same way keeps the two in
+            # step (the rounding error is biased, so it would otherwise add up over many steps).
+            shrink = (1 - lr_ * decay).to(params[names[0]].dtype).to(lr_.dtype) - 1
+            fe.add_(updates, fe.mul([params[n] for n in names], shrink))
+
+        new_state = AdamState(
+            count,
+            {**state.mu, **dict(zip(names, mu))},
+            {**state.nu, **dict(zip(names, nu))},
+            nu_max,
+            h,
+        )
+        return dict(zip(names, updates)), new_state
+
+    return GradientTransformation(init, update)
+
+
+def adamw(
+    lr: hp.Hyperparam = 1e-3,
+    betas: tuple[hp.Hyperparam, hp.Hyperparam] = (0.9, 0.999),
+    eps: hp.Hyperparam = 1e-8,
+    weight_decay: hp.Hyperparam = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """``torch.optim.AdamW``: Adam with decoupled weight decay (default 1e-2, as in torch)."""
+    return adam(lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay=True)

@@ -1,0 +1,156 @@
+"""The optimizer interface: a pair of pure functions, ``init`` and ``update``.
+
+Parameters, gradients and updates are flat dicts ``name -> Tensor`` keyed like
+``module.named_parameters()``. An optimizer never touches parameters itself:
+``update`` returns the *change* to add, and :func:`apply_updates` adds it.
+Parameters that receive no gradient (frozen ones) are simply absent from the
+``grads`` and ``updates`` dicts.
+
+Example::
+
+    >>> import torch
+    >>> from fbrain import optim
+    >>> opt = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(lr=0.5))
+    >>> params = {"w": torch.tensor([1.0, 2.0])}
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update({"w": torch.tensor([3.0, 4.0])}, state, params)
+    >>> optim.apply_updates(params, updates)["w"]
+    tensor([0.7000, 1.6000])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+
+from fbrain.optim import _foreach as fe
+
+Params = dict[str, torch.Tensor]
+Updates = dict[str, torch.Tensor]
+OptState = Any
+
+
+class GradientTransformation(NamedTuple):
+    """``init(params) -> state`` and ``update(grads, state, params) -> (updates, state)``.
+
+    ``frozen(params) -> set of names`` (optional) names the parameters that
+    must get no gradient at all; the train step leaves them out of the backward
+    pass.
+    """
+
+    init: Callable[[Params], OptState]
+    update: Callable[[Updates, OptState, Params], tuple[Updates, OptState]]
+    frozen: Optional[Callable[[Params], frozenset]] = None
+
+
+class EmptyState(NamedTuple):
+    """State of a transformation that keeps none."""
+
+
+def frozen_names(opt: GradientTransformation, params: Params) -> frozenset:
+    """The parameter names ``opt`` wants left without gradients."""
+    return frozenset() if opt.frozen is None else frozenset(opt.frozen(params))
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """``params + updates`` for every name in ``updates``; other parameters are kept as they are."""
+    unknown = updates.keys() - params.keys()
+    if unknown:
+        raise KeyError(f"apply_updates: updates for unknown parameters {sorted(unknown)}")
+    names = [n for n in params if n in updates]
+    summed = fe.add([params[n] for n in names], [updates[n] for n in names])
+    return {**params, **dict(zip(names, summed))}
+
+
+def identity() -> GradientTransformation:
+    """Passes gradients through unchanged (a building block for ``chain`` and ``partition``)."""
+    return GradientTransformation(lambda params: EmptyState(), lambda g, s, p=None: (g, s))
+
+
+def frozen() -> GradientTransformation:
+    """Parameters under this transformation are not trained: no gradient, no state."""
+    return GradientTransformation(
+        init=lambda params: EmptyState(),
+        update=lambda grads, state, params=None: ({}, state),
+        frozen=lambda params: frozenset(params),
+    )
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply transformations one after another, each to the previous one's output."""
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(f"chain: argument {i} is a {type(t).__name__}, expected a GradientTransformation")
+
+    def init(params):
+        return tuple(t.init(params) for t in transforms)
+
+    def update(grads, state, params=None):
+        new_state = []
+        for t, s in zip(transforms, state):
+            grads, s = t.update(grads, s, params)
+            new_state.append(s)
+        return grads, tuple(new_state)
+
+    def frozen_fn(params):
+        return frozenset().union(*(frozen_names(t, params) for t in transforms))
+
+    any_frozen = any(t.frozen is not None for t in transforms)
+    return GradientTransformation(init, update, frozen_fn if any_frozen else None)
+
+
+def partition(
+    transforms: dict[str, GradientTransformation],
+    labels: Callable[[str], str] | dict[str, str],
+) -> GradientTransformation:
+    """Different transformations for groups of parameters chosen by name.
+
+    ``labels`` maps a parameter name to a key of ``transforms``, as a function
+    or a dict. Use :func:`frozen` as a group's transformation to freeze it::
+
+        optim.partition(
+            {"encoder": optim.frozen(), "head": optim.adam(1e-3)},
+            lambda name: "encoder" if name.startswith("encoder.") else "head",
+        )
+    """
+    label_of = labels.__getitem__ if isinstance(labels, dict) else labels
+
+    def groups(names):
+        out = {label: [] for label in transforms}
+        for name in names:
+            try:
+                label = label_of(name)
+            except KeyError:
+                raise KeyError(f"partition: no label for parameter {name!r}") from None
+            if label not in transforms:
+                raise KeyError(
+                    f"partition: parameter {name!r} has label {label!r}, "
+                    f"expected one of {sorted(transforms)}"
+                )
+            out[label].append(name)
+        return out
+
+    def init(params):
+        return {
+            label: transforms[label].init({n: params[n] for n in names})
+            for label, names in groups(params).items()
+        }
+
+    def update(grads, state, params=None):
+        updates, new_state = {}, {}
+        for label, names in groups(grads).items():
+            sub_params = None if params is None else {n: params[n] for n in names}
+            sub_updates, new_state[label] = transforms[label].update(
+                {n: grads[n] for n in names}, state[label], sub_params
+            )
+            updates.update(sub_updates)
+        return updates, new_state
+
+    def frozen_fn(params):
+        return frozenset().union(
+            *(frozen_names(transforms[label], {n: params[n] for n in names})
+              for label, names in groups(params).items())
+        )
+
+    return GradientTransformation(init, update, frozen_fn)

@@ -1,0 +1,140 @@
+"""Hyperparameters as tensors inside the optimizer state.
+
+Every optimizer keeps its learning rate, betas, weight decay ... as 0-dim
+tensors in ``state.hyperparams``. A compiled step therefore sees them as
+inputs, not constants: changing one never recompiles, and they are saved with
+the state. A hyperparameter given as a schedule (a function of the update
+count) is re-evaluated on every update and its current value stored.
+
+They are float64 (float32 on MPS, which has no float64) so the arithmetic on
+them (bias corrections, ``1 - beta``) is rounded once, like torch.optim's
+Python floats.
+
+Example::
+
+    >>> import torch
+    >>> from fbrain import optim
+    >>> opt = optim.adam(lr=1e-3)
+    >>> state = opt.init({"w": torch.zeros(2)})
+    >>> float(optim.get_hyperparams(state)["lr"])
+    0.001
+    >>> state = optim.set_hyperparams(state, lr=5e-4)
+    >>> float(optim.get_hyperparams(state)["lr"])
+    0.0005
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Union
+
+import torch
+
+Schedule = Callable[[torch.Tensor], torch.Tensor]
+Hyperparam = Union[float, Schedule]
+
+
+def _dtype_for(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def device_of(params: dict[str, torch.Tensor]) -> torch.device:
+    for p in params.values():
+        return p.device
+    return torch.device("cpu")
+
+
+def _scalar(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Build from the Python float directly: going through a float32 tensor would round it.
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=dtype).reshape(())
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def init(params: dict[str, torch.Tensor], **values: Hyperparam) -> dict[str, torch.Tensor]:
+    """0-dim tensors for ``values``; a schedule is stored as its value at count 0."""
+    device = device_of(params)
+    dtype = _dtype_for(device)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    return {
+        name: (v(zero).to(device=device, dtype=dtype) if callable(v) else _scalar(v, dtype, device))
+        for name, v in values.items()
+    }
+
+
+def current(
+    hyperparams: dict[str, torch.Tensor], schedules: dict[str, Hyperparam], count: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``hyperparams`` with every scheduled entry replaced by its value at ``count``."""
+    out = dict(hyperparams)
+    for name, value in schedules.items():
+        if callable(value):
+            out[name] = torch.as_tensor(value(count)).to(hyperparams[name])
+    return out
+
+
+def validate(name: str, value: Hyperparam, low: float = 0.0, high: float | None = None) -> None:
+    """Reject a constant hyperparameter outside ``[low, high)`` (schedules are checked by the user)."""
+    if callable(value):
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: expected a number, got a tensor of shape {tuple(value.shape)}")
+        value = float(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a number or a schedule, got {type(value).__name__}")
+    if value < low or (high is not None and value >= high):
+        bound = f"[{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: expected a value {bound}, got {value}")
+
+
+def _walk(state: Any, fn: Callable[[dict], dict]) -> Any:
+    """Rebuild ``state`` with ``fn`` applied to every ``hyperparams`` dict found in it."""
+    if hasattr(state, "_fields"):  # a NamedTuple optimizer state
+        fields = {
+            name: fn(value) if name == "hyperparams" else _walk(value, fn)
+            for name, value in zip(state._fields, state)
+        }
+        return type(state)(**fields)
+    if isinstance(state, dict):
+        return {k: _walk(v, fn) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_walk(v, fn) for v in state)
+    return state
+
+
+def get_hyperparams(opt_state: Any) -> dict[str, torch.Tensor]:
+    """The hyperparameters found in ``opt_state`` (the first value seen for each name)."""
+    found: dict[str, torch.Tensor] = {}
+
+    def collect(hp):
+        for k, v in hp.items():
+            found.setdefault(k, v)
+        return hp
+
+    _walk(opt_state, collect)
+    return found
+
+
+def set_hyperparams(opt_state: Any, **values: float | torch.Tensor) -> Any:
+    """A new optimizer state with the named hyperparameters set everywhere they occur.
+
+    Raises ``KeyError`` for a name no optimizer in ``opt_state`` has.
+    """
+    seen: set[str] = set()
+
+    def assign(hp):
+        new = dict(hp)
+        for k, v in values.items():
+            if k in hp:
+                seen.add(k)
+                new[k] = _scalar(v, hp[k].dtype, hp[k].device)
+        return new
+
+    new_state = _walk(opt_state, assign)
+    missing = values.keys() - seen
+    if missing:
+        raise KeyError(
+            f"set_hyperparams: no optimizer has {sorted(missing)}; "
+            f"known: {sorted(get_hyperparams(opt_state))}"
+        )
+    return new_state

@@ -1,0 +1,83 @@
+"""Stochastic gradient descent with torch.optim.SGD's semantics (momentum, dampening, Nesterov).
+
+Example::
+
+    >>> import torch
+    >>> from fbrain import optim
+    >>> opt = optim.sgd(lr=0.1, momentum=0.9)
+    >>> params = {"w": torch.ones(2)}
+    >>> updates, state = opt.update({"w": torch.ones(2)}, opt.init(params), params)
+    >>> updates["w"]
+    tensor([-0.1000, -0.1000])
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fbrain.optim import hyperparams as hp
+from fbrain.optim import _foreach as fe
+from fbrain.optim._foreach import decayed_gradients, ordered
+from fbrain.optim.base import GradientTransformation
+
+
+class SGDState(NamedTuple):
+    count: torch.Tensor
+    momentum_buffer: dict[str, torch.Tensor]
+    hyperparams: dict[str, torch.Tensor]
+
+
+def sgd(
+    lr: hp.Hyperparam = 1e-3,
+    momentum: hp.Hyperparam = 0.0,
+    dampening: hp.Hyperparam = 0.0,
+    weight_decay: hp.Hyperparam = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """``torch.optim.SGD`` as a pure transformation.
+
+    A momentum buffer is kept only when ``momentum`` is given non-zero (or as a
+    schedule); weight decay is applied only when given non-zero. Both choices
+    are fixed when the optimizer is built; the values stay tunable tensors.
+    """
+    for name, value in [("lr", lr), ("momentum", momentum), ("dampening", dampening),
+                        ("weight_decay", weight_decay)]:
+        hp.validate(name, value)
+    has_momentum = callable(momentum) or momentum != 0
+    has_decay = callable(weight_decay) or weight_decay != 0
+    if nesterov and (not has_momentum or callable(dampening) or dampening != 0):
+        raise ValueError("nesterov: Nesterov momentum requires momentum > 0 and dampening = 0")
+    schedules = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+
+    def init(params):
+        return SGDState(
+            count=torch.zeros((), dtype=torch.int64, device=hp.device_of(params)),
+            momentum_buffer={n: torch.zeros_like(p) for n, p in params.items()} if has_momentum else {},
+            hyperparams=hp.init(params, **schedules),
+        )
+
+    def update(grads, state, params=None):
+        h = hp.current(state.hyperparams, schedules, state.count)
+        names, g = ordered(grads)
+        g = decayed_gradients(g, names, params, h["weight_decay"] if has_decay else None, maximize)
+        buffers = state.momentum_buffer
+        if has_momentum:
+            # torch starts the buffer as a copy of the first gradient; with a zero buffer,
+            # momentum 0 and dampening 0 on the first update give exactly that.
+            first = state.count == 0
+            mom = torch.where(first, torch.zeros_like(h["momentum"]), h["momentum"])
+            keep = torch.where(first, torch.ones_like(h["dampening"]), 1 - h["dampening"])
+            buf = fe.mul([buffers[n] for n in names], mom)
+            fe.add_(buf, fe.mul(g, keep))
+            buffers = {**buffers, **dict(zip(names, buf))}
+            if nesterov:
+                g = fe.add(g, fe.mul(buf, h["momentum"]))
+            else:
+                g = buf
+        updates = fe.mul(g, -h["lr"])
+        return dict(zip(names, updates)), SGDState(state.count + 1, buffers, h)
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,296 @@
+"""Pure training and evaluation steps.
+
+``make_train_step`` turns a loss function and an optimizer into
+``train_step(state, batch) -> (state, metrics)``. One call computes the loss
+and gradients (summing ``accumulation`` micro-batches), unscales them under
+fp16, clips them by global norm, and applies the optimizer, unless the loss or
+a gradient is not finite: then parameters, buffers and optimizer state stay as
+they were and the counters record the skip. Every decision is a
+``torch.where`` on the device; a step never reads a tensor value on the host.
+
+Example::
+
+    >>> import torch, fbrain
+    >>> from fbrain import optim
+    >>> model = torch.nn.Linear(4, 1)
+    >>> def loss_fn(params, buffers, batch, rng):
+    ...     x, y = batch
+    ...     pred, _ = fbrain.apply_module(model, params, buffers, x)
+    ...     return torch.nn.functional.mse_loss(pred, y)
+    >>> opt = optim.adam(lr=1e-2)
+    >>> state = fbrain.TrainState.create(model, opt)
+    >>> train_step = fbrain.make_train_step(loss_fn, opt, max_grad_norm=5.0)
+    >>> batch = (torch.randn(8, 4), torch.randn(8, 1))
+    >>> state, metrics = train_step(state, batch)
+    >>> int(state.counters.optimizer_step), bool(metrics["skipped"])
+    (1, False)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+
+from fbrain import rng as _rng
+from fbrain.gradients import loss_and_grads, per_example_loss_and_grads, split_loss
+from fbrain.loss_scale import DynamicLossScale
+from fbrain.optim import _foreach as fe
+from fbrain.optim.base import GradientTransformation, apply_updates, frozen_names
+from fbrain.optim.clipping import clip_grads_by_global_norm, global_norm
+from fbrain.precision import autocast, autocast_dtype
+from fbrain.state import Counters, TrainState
+from fbrain.tree import select, tree_flatten, tree_leaves, tree_map
+
+
+def _device_of(state: TrainState) -> torch.device:
+    for p in state.params.values():
+        return p.device
+    return torch.device("cpu")
+
+
+def _cuda_devices(state: TrainState) -> tuple[torch.device, ...]:
+    device = _device_of(state)
+    return (device,) if device.type == "cuda" else ()
+
+
+def check_state(state: Any) -> None:
+    """Raise a precise error if ``state`` is not a usable TrainState (host-side metadata only)."""
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state: expected an fbrain.TrainState, got {type(state).__name__}")
+    for name, p in state.params.items():
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+            what = f"dtype {p.dtype}" if isinstance(p, torch.Tensor) else type(p).__name__
+            raise TypeError(f"params[{name!r}]: expected a floating-point tensor, got {what}")
+
+
+def micro_batches(batch: Any, count: int) -> list[Any]:
+    """Split every tensor of ``batch`` along its leading axis of size ``count``."""
+    if count == 1:
+        return [batch]
+    for leaf in tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor) and (leaf.ndim == 0 or leaf.shape[0] != count):
+            raise ValueError(
+                f"batch: accumulation={count} expects every tensor to have a leading micro-batch "
+                f"axis of size {count}, got a tensor of shape {tuple(leaf.shape)} "
+                "(build one with fbrain.stack_micro_batches)"
+            )
+    return [tree_map(lambda x, i=i: x[i] if isinstance(x, torch.Tensor) else x, batch) for i in range(count)]
+
+
+def stack_micro_batches(batches: list[Any]) -> Any:
+    """Stack ``k`` batches of one structure into the batch ``accumulation=k`` expects."""
+    if not batches:
+        raise ValueError("stack_micro_batches: expected at least one batch")
+    return tree_map(
+        lambda *xs: torch.stack(xs) if isinstance(xs[0], torch.Tensor) else xs[0], *batches
+    )
+
+
+class TrainStep:
+    """The pure train step built by :func:`make_train_step`; call it as ``step(state, batch)``."""
+
+    def __init__(
+        self,
+        loss_fn: Callable,
+        optimizer: GradientTransformation,
+        max_grad_norm: float | None,
+        precision: str,
+        accumulation: int,
+        per_example: bool,
+        loss_scale: DynamicLossScale,
+    ):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a function (params, buffers, batch, rng) -> loss, got {loss_fn!r}")
+        if not isinstance(optimizer, GradientTransformation):
+            raise TypeError(
+                f"optimizer: expected an fbrain.optim.GradientTransformation, got {type(optimizer).__name__}; "
+                "wrap a torch.optim constructor with fbrain.optim.from_torch(...)"
+            )
+        autocast_dtype(precision)  # validates the string
+        if not (isinstance(accumulation, int) and accumulation >= 1):
+            raise ValueError(f"accumulation: expected an int >= 1, got {accumulation!r}")
+        if max_grad_norm is not None and not isinstance(max_grad_norm, (int, float)):
+            raise TypeError(f"max_grad_norm: expected a number or None, got {type(max_grad_norm).__name__}")
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        # SpeechBrain clips whenever max_grad_norm is set, even to 0 or below; here that disables clipping.
+        self.max_grad_norm = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else None
+        self.precision = precision
+        self.accumulation = accumulation
+        self.per_example = per_example
+        self.loss_scale = loss_scale
+        self._batch_spec = None
+
+    # -- the public, checked entry points ---------------------------------------------------------
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        if torch.compiler.is_compiling():
+            # Inside torch.compile the global generators cannot be swapped; the key passes through
+            # and random ops draw from the caller's generator. `TrainStep.compile` keeps the
+            # state-driven randomness by swapping them outside the compiled graph.
+            return self.pure(state, batch, use_func=True)
+        self._check(state, batch)
+        with _rng.scope(state.rng, _cuda_devices(state)) as out:
+            new_state, metrics = self.pure(state, batch, use_func=False)
+        return new_state.replace(rng=out.key), metrics
+
+    def compile(self, **compile_kwargs) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+        """``torch.compile`` the step, keeping randomness a function of ``state.rng``.
+
+        Keyword arguments go to ``torch.compile`` (e.g. ``fullgraph=True, mode="max-autotune"``).
+        """
+        compiled = torch.compile(functools.partial(self.pure, use_func=True), **compile_kwargs)
+
+        def compiled_step(state, batch):
+            self._check(state, batch)
+            with _rng.scope(state.rng, _cuda_devices(state)) as out:
+                new_state, metrics = compiled(state, batch)
+            return new_state.replace(rng=out.key), metrics
+
+        return compiled_step
+
+    def _check(self, state, batch) -> None:
+        check_state(state)
+        spec = tree_flatten(batch)[1]
+        if self._batch_spec is None:
+            self._batch_spec = spec
+        elif spec != self._batch_spec:
+            raise TypeError(
+                f"batch: its structure differs from the first batch this step saw.\n"
+                f"  expected: {self._batch_spec}\n  got:      {spec}"
+            )
+
+    # -- the pure computation ----------------------------------------------------------------------
+
+    def pure(self, state: TrainState, batch: Any, use_func: bool = True) -> tuple[TrainState, dict]:
+        """One step without argument checks or RNG handling (what compile and vmap trace)."""
+        params, opt = state.params, self.optimizer
+        frozen = frozen_names(opt, params)
+        trainable = [n for n in params if n not in frozen]
+        fp16 = self.precision == "fp16"
+        k = self.accumulation
+        # SpeechBrain's accumulation: each micro-batch contributes loss / k.
+        multiplier = state.scaler.scale / k if fp16 else (None if k == 1 else 1.0 / k)
+        context = functools.partial(autocast, self.precision, _device_of(state))
+
+        buffers, grads, losses, aux = state.buffers, None, [], {}
+        for mb in micro_batches(batch, k):
+            loss, g, aux, extra = self._micro_step(params, buffers, mb, state.rng, trainable, multiplier,
+                                                   use_func, context)
+            buffers = aux.pop("buffers", buffers)
+            losses.append(loss)
+            grads = g if grads is None else dict(zip(g, fe.add(list(grads.values()), list(g.values()))))
+        loss = losses[0] if k == 1 else torch.stack(losses).mean()
+
+        names = list(grads)
+        if fp16:
+            inv_scale = state.scaler.scale.double().reciprocal().float()
+            grads = dict(zip(names, fe.mul(list(grads.values()), inv_scale)))
+        grad_norm = global_norm(list(grads.values())) if grads else torch.zeros((), device=loss.device)
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
+        if self.max_grad_norm is not None and not self.per_example and grads:
+            grads, _ = clip_grads_by_global_norm(grads, self.max_grad_norm, grad_norm)
+
+        updates, opt_state = opt.update(grads, state.opt_state, params)
+        new_params = apply_updates(params, updates)
+        changed = list(updates)
+        kept = select(finite, {n: new_params[n] for n in changed}, {n: params[n] for n in changed})
+        c = state.counters
+        skipped = ~finite
+        new_state = state.replace(
+            params={**params, **kept},
+            buffers=select(finite, buffers, state.buffers),
+            opt_state=select(finite, opt_state, state.opt_state),
+            scaler=self.loss_scale.update(state.scaler, skipped) if fp16 else state.scaler,
+            counters=Counters(
+                step=c.step + 1,
+                optimizer_step=c.optimizer_step + finite.long(),
+                epoch=c.epoch,
+                nonfinite_count=c.nonfinite_count + skipped.long(),
+                nonfinite_streak=torch.where(finite, torch.zeros_like(c.nonfinite_streak), c.nonfinite_streak + 1),
+            ),
+        )
+        metrics = {**aux, **extra, "loss": loss, "grad_norm": grad_norm, "skipped": skipped}
+        if fp16:
+            metrics["loss_scale"] = state.scaler.scale
+        return new_state, metrics
+
+    def _micro_step(self, params, buffers, batch, rng, trainable, multiplier, use_func, context):
+        if not self.per_example:
+            loss, grads, aux = loss_and_grads(self.loss_fn, params, buffers, batch, rng, trainable,
+                                              multiplier, use_func, context)
+            return loss, grads, dict(aux), {}
+        losses, grads, aux = per_example_loss_and_grads(self.loss_fn, params, buffers, batch, rng,
+                                                        trainable, multiplier, context)
+        names = list(grads)
+        per_norm = torch.linalg.vector_norm(
+            torch.stack([grads[n].flatten(1).norm(dim=1) for n in names], dim=1), dim=1
+        )
+        if self.max_grad_norm is not None:
+            # Per-example clipping (as in DP-SGD): every example's gradient to norm <= max_grad_norm.
+            coef = torch.clamp(self.max_grad_norm / (per_norm + 1e-6), max=1.0)
+            grads = {n: grads[n] * coef.view(-1, *([1] * (grads[n].ndim - 1))) for n in names}
+        mean_grads = {n: grads[n].mean(dim=0) for n in names}
+        extra = {"per_example_loss": losses, "per_example_grad_norm": per_norm}
+        return losses.mean(), mean_grads, dict(aux), extra
+
+
+def make_train_step(
+    loss_fn: Callable,
+    optimizer: GradientTransformation,
+    *,
+    max_grad_norm: float | None = None,
+    precision: str = "fp32",
+    accumulation: int = 1,
+    per_example: bool = False,
+    loss_scale: DynamicLossScale = DynamicLossScale(),
+) -> TrainStep:
+    """A pure ``train_step(state, batch) -> (state, metrics)``.
+
+    Args:
+        loss_fn: ``(params, buffers, batch, rng) -> loss`` or ``(loss, aux)``; ``aux["buffers"]``,
+            if present, become the new buffers, other ``aux`` entries are returned as metrics.
+        optimizer: an :mod:`fbrain.optim` transformation (the one the state was created with).
+        max_grad_norm: clip all gradients together to this global norm; None or <= 0 disables.
+        precision: "fp32", "bf16" or "fp16" (autocast; fp16 adds dynamic loss scaling).
+        accumulation: micro-batches per step; every tensor in the batch then has a leading
+            axis of that size (see :func:`stack_micro_batches`).
+        per_example: compute per-example losses and gradients with vmap; ``max_grad_norm``
+            then clips each example's gradient before averaging.
+        loss_scale: the loss-scale rule used under fp16 (GradScaler's defaults).
+
+    Metrics: ``loss``, ``grad_norm`` (before clipping), ``skipped``, ``loss_scale`` (fp16),
+    per-example entries with ``per_example``, and the loss function's aux entries; all tensors.
+    """
+    return TrainStep(loss_fn, optimizer, max_grad_norm, precision, accumulation, per_example, loss_scale)
+
+
+class EvalStep:
+    """The pure evaluation step built by :func:`make_eval_step`: ``metrics = step(state, batch)``."""
+
+    def __init__(self, eval_fn: Callable, precision: str):
+        if not callable(eval_fn):
+            raise TypeError(f"eval_fn: expected a function (params, buffers, batch, rng) -> loss, got {eval_fn!r}")
+        autocast_dtype(precision)
+        self.eval_fn = eval_fn
+        self.precision = precision
+
+    def pure(self, state: TrainState, batch: Any) -> dict:
+        with torch.no_grad(), autocast(self.precision, _device_of(state)):
+            loss, aux = split_loss(self.eval_fn(state.params, state.buffers, batch, state.rng))
+        aux = {k: v for k, v in aux.items() if k != "buffers"}
+        return {**aux, "loss": loss}
+
+    def __call__(self, state: TrainState, batch: Any) -> dict:
+        if torch.compiler.is_compiling():
+            return self.pure(state, batch)
+        check_state(state)
+        with _rng.scope(state.rng, _cuda_devices(state)):
+            return self.pure(state, batch)
+
+
+def make_eval_step(eval_fn: Callable, *, precision: str = "fp32") -> EvalStep:
+    """A pure ``eval_step(state, batch) -> metrics``: the loss function without gradients."""
+    return EvalStep(eval_fn, precision)

@@ -1,0 +1,1 @@
+"""Training objectives for the recipes (installed as ``fbrain.losses``)."""

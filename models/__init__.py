@@ -1,0 +1,1 @@
+"""Neural models for the recipes (installed as ``fbrain.models``)."""

@@ -1,0 +1,208 @@
+"""fbrain.optim against torch.optim: 200 steps, fp32, max abs difference <= 1e-6."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import fbrain
+from fbrain import optim
+from conftest import batches, max_abs_diff, mlp, regression_loss
+
+# (name, torch constructor, fbrain twin)
+CASES = [
+    ("sgd", functools.partial(torch.optim.SGD, lr=0.05), optim.sgd(0.05)),
+    ("sgd-momentum-dampening-wd", functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, dampening=0.1,
+                                                    weight_decay=1e-3),
+     optim.sgd(0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3)),
+    ("sgd-nesterov", functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True),
+     optim.sgd(0.05, momentum=0.9, nesterov=True)),
+    ("sgd-maximize", functools.partial(torch.optim.SGD, lr=1e-4, momentum=0.5, maximize=True),
+     optim.sgd(1e-4, momentum=0.5, maximize=True)),
+    ("adam", functools.partial(torch.optim.Adam, lr=1e-3), optim.adam(1e-3)),
+    ("adam-wd-amsgrad", functools.partial(torch.optim.Adam, lr=1e-3, weight_decay=0.1, amsgrad=True),
+     optim.adam(1e-3, weight_decay=0.1, amsgrad=True)),
+    ("adam-betas-eps", functools.partial(torch.optim.Adam, lr=2e-3, betas=(0.8, 0.99), eps=1e-6),
+     optim.adam(2e-3, betas=(0.8, 0.99), eps=1e-6)),
+    ("adam-maximize", functools.partial(torch.optim.Adam, lr=1e-3, maximize=True), optim.adam(1e-3, maximize=True)),
+    ("adamw", functools.partial(torch.optim.AdamW, lr=1e-3), optim.adamw(1e-3)),
+    ("adamw-amsgrad", functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1, amsgrad=True),
+     optim.adamw(1e-3, weight_decay=0.1, amsgrad=True)),
+    ("rmsprop", functools.partial(torch.optim.RMSprop, lr=1e-3), optim.rmsprop(1e-3)),
+    ("rmsprop-centered-momentum-wd", functools.partial(torch.optim.RMSprop, lr=1e-3, centered=True,
+                                                       momentum=0.9, weight_decay=1e-2),
+     optim.rmsprop(1e-3, centered=True, momentum=0.9, weight_decay=1e-2)),
+]
+
+
+def train_both(torch_ctor, twin, steps=200, foreach=None):
+    model, reference = mlp(0), mlp(0)
+    kwargs = {} if foreach is None else {"foreach": foreach}
+    torch_opt = torch_ctor(reference.parameters(), **kwargs)
+    state = fbrain.TrainState.create(model, twin)
+    step = fbrain.make_train_step(regression_loss(model), twin)
+    for x, y in batches(steps):
+        state, _ = step(state, (x, y))
+        torch_opt.zero_grad()
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        torch_opt.step()
+    return state.params, {k: v.detach() for k, v in reference.named_parameters()}
+
+
+@pytest.mark.parametrize("name,torch_ctor,twin", CASES, ids=[c[0] for c in CASES])
+def test_matches_torch_optim_for_200_steps(name, torch_ctor, twin):
+    ours, theirs = train_both(torch_ctor, twin)
+    assert max_abs_diff(ours, theirs) <= 1e-6
+
+
+@pytest.mark.parametrize("name,torch_ctor,twin", CASES, ids=[c[0] for c in CASES])
+def test_from_torch_builds_the_same_twin(name, torch_ctor, twin):
+    ours, theirs = train_both(torch_ctor, optim.from_torch(torch_ctor), steps=50)
+    assert max_abs_diff(ours, theirs) <= 1e-6
+
+
+def test_from_torch_accepts_a_lambda_and_reads_hyperparameters():
+    opt = optim.from_torch(lambda p: torch.optim.Adam(p, lr=3e-4, betas=(0.85, 0.95), weight_decay=0.01))
+    hp = optim.get_hyperparams(opt.init({"w": torch.zeros(2)}))
+    assert {k: round(float(v), 10) for k, v in hp.items()} == {
+        "lr": 3e-4, "beta1": 0.85, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.01}
+
+
+def test_from_torch_rejects_an_optimizer_without_twin():
+    with pytest.raises(TypeError, match="Adagrad.*no functional twin"):
+        optim.from_torch(lambda p: torch.optim.Adagrad(p, lr=0.1))
+
+
+@pytest.mark.parametrize("bad", [42, lambda p: "not an optimizer", lambda: None])
+def test_from_torch_rejects_what_is_not_an_optimizer_constructor(bad):
+    with pytest.raises(TypeError, match="opt_class"):
+        optim.from_torch(bad)
+
+
+def test_hyperparameters_are_float64_tensors_and_can_be_changed():
+    opt = optim.sgd(lr=0.1, momentum=0.9)
+    params = {"w": torch.ones(3)}
+    state = opt.init(params)
+    assert all(v.dtype == torch.float64 and v.ndim == 0 for v in state.hyperparams.values())
+    slow = optim.set_hyperparams(state, lr=0.01)
+    assert float(optim.get_hyperparams(state)["lr"]) == 0.1  # the old state is untouched
+    updates, _ = opt.update({"w": torch.ones(3)}, slow, params)
+    assert torch.allclose(updates["w"], torch.full((3,), -0.01))
+    with pytest.raises(KeyError, match="momentun"):
+        optim.set_hyperparams(state, momentun=0.5)
+
+
+def test_a_schedule_sets_the_learning_rate_from_the_update_count():
+    schedule = optim.schedules.linear(1.0, 0.0, steps=4)
+    opt = optim.sgd(lr=schedule)
+    params = {"w": torch.zeros(1)}
+    state = opt.init(params)
+    seen = []
+    for _ in range(6):
+        updates, state = opt.update({"w": torch.ones(1)}, state, params)
+        seen.append(-float(updates["w"]))
+    assert seen == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert float(optim.get_hyperparams(state)["lr"]) == 0.0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optim.schedules.constant(0.5),
+    lambda: optim.schedules.cosine_decay(1.0, 10, alpha=0.1),
+    lambda: optim.schedules.exponential_decay(1.0, 0.5, 2, staircase=True),
+    lambda: optim.schedules.warmup_cosine_decay(1.0, 3, 10),
+    lambda: optim.schedules.piecewise_constant(1.0, {2: 0.5, 4: 0.1}),
+    lambda: optim.schedules.noam(1.0, 4),
+])
+def test_schedules_are_pure_functions_of_the_count(make):
+    schedule = make()
+    counts = torch.arange(12)
+    first = [float(schedule(c)) for c in counts]
+    assert first == [float(schedule(c)) for c in counts]
+    assert all(v >= 0 for v in first)
+
+
+def test_schedule_values():
+    s = optim.schedules
+    assert float(s.cosine_decay(1.0, 10)(torch.tensor(5))) == pytest.approx(0.5)
+    assert float(s.exponential_decay(1.0, 0.5, 2, staircase=True)(torch.tensor(3))) == 0.5
+    assert float(s.piecewise_constant(1.0, {2: 0.5, 4: 0.1})(torch.tensor(4))) == pytest.approx(0.05)
+    assert float(s.warmup_cosine_decay(2.0, 4, 10)(torch.tensor(2))) == pytest.approx(1.0)
+
+
+def test_clip_by_global_norm_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    grads = {"a": torch.randn(5, 3, generator=g) * 10, "b": torch.randn(7, generator=g)}
+    params = [torch.nn.Parameter(torch.zeros_like(v)) for v in grads.values()]
+    for p, v in zip(params, grads.values()):
+        p.grad = v.clone()
+    norm = torch.nn.utils.clip_grad_norm_(params, 2.0)
+    clipped, ours = optim.clip_grads_by_global_norm(grads, 2.0)
+    assert torch.equal(ours, norm)
+    for p, v in zip(params, clipped.values()):
+        assert torch.equal(p.grad, v)
+    chained, _ = optim.clip_by_global_norm(2.0).update(grads, optim.EmptyState())
+    assert all(torch.equal(chained[k], clipped[k]) for k in grads)
+
+
+def test_partition_uses_one_optimizer_per_group_and_freezes_parameters():
+    model = mlp(0)
+    opt = optim.partition(
+        {"first": optim.frozen(), "rest": optim.sgd(0.1)},
+        lambda name: "first" if name.startswith("0.") else "rest",
+    )
+    state = fbrain.TrainState.create(model, opt)
+    assert optim.frozen_names(opt, state.params) == {"0.weight", "0.bias"}
+    step = fbrain.make_train_step(regression_loss(model), opt)
+    new, metrics = step(state, batches(1)[0])
+    assert torch.equal(new.params["0.weight"], state.params["0.weight"])
+    assert not torch.equal(new.params["2.weight"], state.params["2.weight"])
+    # The frozen group keeps no optimizer state.
+    assert new.opt_state["first"] == optim.EmptyState()
+
+
+def test_partition_matches_torch_param_groups():
+    model, reference = mlp(0), mlp(0)
+    opt = optim.partition({"slow": optim.adam(1e-4), "fast": optim.adam(1e-2)},
+                          lambda n: "slow" if n.startswith("0.") else "fast")
+    torch_opt = torch.optim.Adam([{"params": reference[0].parameters(), "lr": 1e-4},
+                                  {"params": reference[2].parameters(), "lr": 1e-2}])
+    state = fbrain.TrainState.create(model, opt)
+    step = fbrain.make_train_step(regression_loss(model), opt)
+    for x, y in batches(100):
+        state, _ = step(state, (x, y))
+        torch_opt.zero_grad()
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        torch_opt.step()
+    assert max_abs_diff(state.params, {k: v.detach() for k, v in reference.named_parameters()}) <= 1e-6
+
+
+def test_partition_names_an_unlabelled_parameter():
+    opt = optim.partition({"a": optim.sgd(0.1)}, {"w": "a"})
+    with pytest.raises(KeyError, match="'v'"):
+        opt.init({"w": torch.zeros(1), "v": torch.zeros(1)})
+    opt = optim.partition({"a": optim.sgd(0.1)}, lambda n: "b")
+    with pytest.raises(KeyError, match="label 'b'"):
+        opt.init({"w": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: optim.adam(lr=-1.0), "lr"),
+    (lambda: optim.adam(betas=(0.9, 1.0)), r"betas\[1\]"),
+    (lambda: optim.adam(betas=0.9), "betas"),
+    (lambda: optim.sgd(lr="fast"), "lr"),
+    (lambda: optim.sgd(nesterov=True), "nesterov"),
+    (lambda: optim.chain(optim.sgd(), "adam"), "argument 1"),
+    (lambda: optim.schedules.linear(1, 0, steps=0), "steps"),
+])
+def test_bad_hyperparameters_are_named(build, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        build()
+
+
+def test_chain_applies_in_order():
+    opt = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(lr=1.0))
+    params = {"w": torch.zeros(2)}
+    updates, _ = opt.update({"w": torch.tensor([30.0, 40.0])}, opt.init(params), params)
+    assert torch.allclose(updates["w"], torch.tensor([-0.6, -0.8]), atol=1e-6)
