@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import torch
 
+from fbrain.optim.hyperparams import scalar
+
 _is_batched = torch._C._functorch.is_batchedtensor
 
 
 def _any_batched(*args) -> bool:
+    if torch.compiler.is_compiling():
+        return False  # compiled code never sees functorch's batched wrappers directly
     for a in args:
         if isinstance(a, torch.Tensor) and _is_batched(a):
             return True
@@ -91,5 +95,5 @@ def decayed_gradients(grads, names, params, weight_decay, maximize):
     if weight_decay is not None:
         if params is None:
             raise ValueError("weight_decay needs the parameters: call update(grads, state, params)")
-        grads = add(grads, mul([params[n] for n in names], weight_decay))
+        grads = add(grads, mul([params[n] for n in names], scalar(weight_decay, grads)))
     return grads

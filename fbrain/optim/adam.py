@@ -69,14 +69,15 @@ def adam(
         decay = h["weight_decay"] if has_decay else None
         g = decayed_gradients(g, names, params, None if decoupled_weight_decay else decay, maximize)
 
+        c = lambda value: hp.scalar(value, g)  # noqa: E731
         # mu <- lerp(mu, g, 1 - beta1): the same arithmetic as torch's lerp for weights < 0.5.
         mu = fe.sub(g, [state.mu[n] for n in names])
-        fe.mul_(mu, 1 - b1)
+        fe.mul_(mu, c(1 - b1))
         fe.add_(mu, [state.mu[n] for n in names])
         # nu <- beta2 * nu + (1 - beta2) * g * g
-        nu = fe.mul([state.nu[n] for n in names], b2)
+        nu = fe.mul([state.nu[n] for n in names], c(b2))
         g2 = fe.mul(g, g)
-        fe.mul_(g2, 1 - b2)
+        fe.mul_(g2, c(1 - b2))
         fe.add_(nu, g2)
         second = nu
         nu_max = state.nu_max
@@ -87,16 +88,16 @@ def adam(
         bias_correction1 = 1 - b1**count
         bias_correction2_sqrt = torch.sqrt(1 - b2**count)
         denom = fe.sqrt(second)
-        fe.div_(denom, bias_correction2_sqrt)
-        fe.add_(denom, h["eps"])
+        fe.div_(denom, c(bias_correction2_sqrt))
+        fe.add_(denom, c(h["eps"]))
         updates = fe.div(mu, denom)
-        fe.mul_(updates, -(lr_ / bias_correction1))
+        fe.mul_(updates, c(-(lr_ / bias_correction1)))
         if decoupled_weight_decay and decay is not None:
             # AdamW shrinks the parameters by (1 - lr * wd) before the Adam step. torch multiplies by
             # that factor rounded to the parameters' dtype; rounding it the same way keeps the two in
             # step (the rounding error is biased, so it would otherwise add up over many steps).
-            shrink = (1 - lr_ * decay).to(params[names[0]].dtype).to(lr_.dtype) - 1
-            fe.add_(updates, fe.mul([params[n] for n in names], shrink))
+            shrink = c(1 - lr_ * decay).to(lr_.dtype) - 1
+            fe.add_(updates, fe.mul([params[n] for n in names], c(shrink)))
 
         new_state = AdamState(
             count,

@@ -72,6 +72,17 @@ def current(
     return out
 
 
+def scalar(value: torch.Tensor, like: list[torch.Tensor]) -> torch.Tensor:
+    """``value`` (a float64 hyperparameter expression) in the dtype the update arithmetic uses.
+
+    Eager kernels round a scalar operand to the tensors' dtype anyway; doing it explicitly keeps a
+    compiled update from computing the whole kernel in float64 (several times slower on CPU).
+    float16/bfloat16 tensors get float32 scalars, as torch.optim's Python floats would.
+    """
+    dtype = like[0].dtype if like and like[0].dtype in (torch.float32, torch.float64) else torch.float32
+    return value.to(dtype)
+
+
 def validate(name: str, value: Hyperparam, low: float = 0.0, high: float | None = None) -> None:
     """Reject a constant hyperparameter outside ``[low, high)`` (schedules are checked by the user)."""
     if callable(value):

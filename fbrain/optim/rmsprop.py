@@ -62,9 +62,10 @@ def rmsprop(
         h = hp.current(state.hyperparams, schedules, state.count)
         names, g = ordered(grads)
         g = decayed_gradients(g, names, params, h["weight_decay"] if has_decay else None, maximize)
-        one_minus_alpha = 1 - h["alpha"]
+        c = lambda value: hp.scalar(value, g)  # noqa: E731
+        one_minus_alpha = c(1 - h["alpha"])
 
-        square_avg = fe.mul([state.square_avg[n] for n in names], h["alpha"])
+        square_avg = fe.mul([state.square_avg[n] for n in names], c(h["alpha"]))
         g2 = fe.mul(g, g)
         fe.mul_(g2, one_minus_alpha)
         fe.add_(square_avg, g2)
@@ -80,16 +81,16 @@ def rmsprop(
             avg = fe.sqrt(avg)
         else:
             avg = fe.sqrt(square_avg)
-        fe.add_(avg, h["eps"])
+        fe.add_(avg, c(h["eps"]))
 
         step = fe.div(g, avg)
         buffers = state.momentum_buffer
         if has_momentum:
-            step_buf = fe.mul([buffers[n] for n in names], h["momentum"])
+            step_buf = fe.mul([buffers[n] for n in names], c(h["momentum"]))
             fe.add_(step_buf, step)
             buffers = {**buffers, **dict(zip(names, step_buf))}
             step = step_buf
-        updates = fe.mul(step, -h["lr"])
+        updates = fe.mul(step, c(-h["lr"]))
         new_state = RMSpropState(
             state.count + 1, {**state.square_avg, **dict(zip(names, square_avg))}, grad_avg, buffers, h
         )

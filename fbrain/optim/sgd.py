@@ -70,14 +70,14 @@ def sgd(
             first = state.count == 0
             mom = torch.where(first, torch.zeros_like(h["momentum"]), h["momentum"])
             keep = torch.where(first, torch.ones_like(h["dampening"]), 1 - h["dampening"])
-            buf = fe.mul([buffers[n] for n in names], mom)
-            fe.add_(buf, fe.mul(g, keep))
+            buf = fe.mul([buffers[n] for n in names], hp.scalar(mom, g))
+            fe.add_(buf, fe.mul(g, hp.scalar(keep, g)))
             buffers = {**buffers, **dict(zip(names, buf))}
             if nesterov:
-                g = fe.add(g, fe.mul(buf, h["momentum"]))
+                g = fe.add(g, fe.mul(buf, hp.scalar(h["momentum"], g)))
             else:
                 g = buf
-        updates = fe.mul(g, -h["lr"])
+        updates = fe.mul(g, hp.scalar(-h["lr"], g))
         return dict(zip(names, updates)), SGDState(state.count + 1, buffers, h)
 
     return GradientTransformation(init, update)
