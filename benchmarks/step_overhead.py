@@ -1,5 +1,5 @@
 """Microseconds per training step: plain PyTorch with torch.optim.Adam (foreach, fused) against the
-fbrain pure step, eager and compiled, on an MLP and a small conv model.
+fbrain pure step (eager; eager with a donated state; compiled), on an MLP and a small conv model.
 
     python -m benchmarks.step_overhead [--repeats 15] [--steps 20] [--device cpu|cuda]
 
@@ -77,7 +77,9 @@ def systems_for(name: str, device: torch.device):
         return torch.nn.functional.cross_entropy(out, batch[1])
 
     train_step = fbrain.make_train_step(loss_fn, fopt)
-    for label, fn in (("fbrain-step", train_step), ("fbrain-step-compiled", train_step.compile(fullgraph=True))):
+    donating = fbrain.make_train_step(loss_fn, fopt, donate_state=True)
+    for label, fn in (("fbrain-step", train_step), ("fbrain-step-donated", donating),
+                      ("fbrain-step-compiled", train_step.compile(fullgraph=True))):
         box = [fbrain.TrainState.create(model, fopt)]
 
         def step(fn=fn, box=box, label=label):

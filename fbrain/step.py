@@ -100,6 +100,7 @@ class TrainStep:
         accumulation: int,
         per_example: bool,
         loss_scale: DynamicLossScale,
+        donate_state: bool = False,
     ):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a function (params, buffers, batch, rng) -> loss, got {loss_fn!r}")
@@ -121,6 +122,7 @@ class TrainStep:
         self.accumulation = accumulation
         self.per_example = per_example
         self.loss_scale = loss_scale
+        self.donate_state = bool(donate_state)
         self._batch_spec = None
 
     # -- the public, checked entry points ---------------------------------------------------------
@@ -193,16 +195,13 @@ class TrainStep:
         if self.max_grad_norm is not None and not self.per_example and grads:
             grads, _ = clip_grads_by_global_norm(grads, self.max_grad_norm, grad_norm)
 
-        updates, opt_state = opt.update(grads, state.opt_state, params)
-        new_params = apply_updates(params, updates)
-        changed = list(updates)
-        kept = select(finite, {n: new_params[n] for n in changed}, {n: params[n] for n in changed})
-        c = state.counters
         skipped = ~finite
+        new_params, opt_state = self._apply(grads, state.opt_state, params, finite, skipped)
+        c = state.counters
         new_state = state.replace(
-            params={**params, **kept},
+            params=new_params,
             buffers=select(finite, buffers, state.buffers),
-            opt_state=select(finite, opt_state, state.opt_state),
+            opt_state=opt_state,
             scaler=self.loss_scale.update(state.scaler, skipped) if fp16 else state.scaler,
             counters=Counters(
                 step=c.step + 1,
@@ -216,6 +215,20 @@ class TrainStep:
         if fp16:
             metrics["loss_scale"] = state.scaler.scale
         return new_state, metrics
+
+    def _apply(self, grads, opt_state, params, finite, skipped):
+        """New params and optimizer state: the update, or everything unchanged if not finite."""
+        opt = self.optimizer
+        if opt.fused_apply is not None and not torch.compiler.is_compiling() and not fe.any_batched(
+                list(grads.values())):
+            fused = opt.fused_apply(grads, opt_state, params, skipped, in_place=self.donate_state)
+            if fused is not None:
+                return fused
+        updates, new_opt_state = opt.update(grads, opt_state, params)
+        new_params = apply_updates(params, updates)
+        changed = list(updates)
+        kept = select(finite, {n: new_params[n] for n in changed}, {n: params[n] for n in changed})
+        return {**params, **kept}, select(finite, new_opt_state, opt_state)
 
     def _micro_step(self, params, buffers, batch, rng, trainable, multiplier, use_func, context):
         if not self.per_example:
@@ -246,6 +259,7 @@ def make_train_step(
     accumulation: int = 1,
     per_example: bool = False,
     loss_scale: DynamicLossScale = DynamicLossScale(),
+    donate_state: bool = False,
 ) -> TrainStep:
     """A pure ``train_step(state, batch) -> (state, metrics)``.
 
@@ -260,11 +274,16 @@ def make_train_step(
         per_example: compute per-example losses and gradients with vmap; ``max_grad_norm``
             then clips each example's gradient before averaging.
         loss_scale: the loss-scale rule used under fp16 (GradScaler's defaults).
+        donate_state: let the step write the new parameters and optimizer state into the input
+            state's tensors (like JAX's buffer donation) when a fused in-place kernel can do the
+            whole update; the input state must not be used after the call. Saves a copy of the
+            parameters and moments per step. Off by default: the step is then pure.
 
     Metrics: ``loss``, ``grad_norm`` (before clipping), ``skipped``, ``loss_scale`` (fp16),
     per-example entries with ``per_example``, and the loss function's aux entries; all tensors.
     """
-    return TrainStep(loss_fn, optimizer, max_grad_norm, precision, accumulation, per_example, loss_scale)
+    return TrainStep(loss_fn, optimizer, max_grad_norm, precision, accumulation, per_example, loss_scale,
+                     donate_state)
 
 
 class EvalStep:

@@ -368,3 +368,20 @@ def test_errors_leave_the_state_untouched():
     with pytest.raises(ValueError):
         step(state, batches(1)[0])
     assert trees_equal(state, before)
+
+
+def test_a_donated_state_gives_the_same_result_as_the_pure_step():
+    model = mlp(0)
+    opt = optim.adamw(1e-2, weight_decay=0.1)
+    state = fbrain.TrainState.create(model, opt)
+    pure = fbrain.make_train_step(regression_loss(model), opt, max_grad_norm=1.0)
+    donating = fbrain.make_train_step(regression_loss(model), opt, max_grad_norm=1.0, donate_state=True)
+    a, b = state, clone_tree(state)
+    for x, y in batches(4):
+        a, _ = pure(a, (x, y))
+        b, _ = donating(b, (x, y))
+    assert trees_equal(a.params, b.params) and trees_equal(a.opt_state, b.opt_state)
+    # Donation reuses the input's storage: that is the point of it.
+    c = clone_tree(b)
+    d, _ = donating(c, batches(1)[0])
+    assert d.params["0.weight"].data_ptr() == c.params["0.weight"].data_ptr()

@@ -22,7 +22,7 @@ from fbrain.optim.hyperparams import scalar
 _is_batched = torch._C._functorch.is_batchedtensor
 
 
-def _any_batched(*args) -> bool:
+def any_batched(*args) -> bool:
     if torch.compiler.is_compiling():
         return False  # compiled code never sees functorch's batched wrappers directly
     for a in args:
@@ -41,7 +41,7 @@ def _binary(name: str):
     multi, single = getattr(torch, f"_foreach_{name}"), getattr(torch, name)
 
     def op(a, b):
-        return [single(x, y) for x, y in _pairs(a, b)] if _any_batched(a, b) else multi(a, b)
+        return [single(x, y) for x, y in _pairs(a, b)] if any_batched(a, b) else multi(a, b)
 
     op.__name__ = name
     return op
@@ -51,7 +51,7 @@ def _binary_inplace(name: str):
     multi = getattr(torch, f"_foreach_{name}_")
 
     def op(a, b):
-        if _any_batched(a, b):
+        if any_batched(a, b):
             for x, y in _pairs(a, b):
                 getattr(x, f"{name}_")(y)
         else:
@@ -66,7 +66,7 @@ def _unary(name: str):
     multi, single = getattr(torch, f"_foreach_{name}"), getattr(torch, name)
 
     def op(a):
-        return [single(x) for x in a] if _any_batched(a) else multi(a)
+        return [single(x) for x in a] if any_batched(a) else multi(a)
 
     op.__name__ = name
     return op
@@ -79,7 +79,7 @@ sqrt, neg = _unary("sqrt"), _unary("neg")
 
 def norm(a: list[torch.Tensor]) -> list[torch.Tensor]:
     """The L2 norm of each tensor."""
-    return [torch.linalg.vector_norm(x) for x in a] if _any_batched(a) else list(torch._foreach_norm(a))
+    return [torch.linalg.vector_norm(x) for x in a] if any_batched(a) else list(torch._foreach_norm(a))
 
 
 def ordered(tree: dict[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:

@@ -108,7 +108,41 @@ def adam(
         )
         return dict(zip(names, updates)), new_state
 
-    return GradientTransformation(init, update)
+    def fused_apply(grads, state, params, skip, in_place=False):
+        """ATen's fused CPU Adam on private copies of the parameters and moments.
+
+        With ``in_place`` (a donated state) the kernel writes into the given tensors instead.
+
+        The kernel takes beta1, beta2, eps and weight decay as numbers. They are read from the
+        state's hyperparameter tensors, which for a CPU state live in host memory: reading them
+        waits on nothing. Any other device takes the general (multi-tensor) path.
+        """
+        names, g = ordered(grads)
+        if not g:
+            return None
+        h = hp.current(state.hyperparams, schedules, state.count)
+        if any(x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) for x in g) or \
+                any(v.device.type != "cpu" for v in h.values()):
+            return None
+        copies = lambda tree: [tree[n] if in_place else tree[n].clone() for n in names]  # noqa: E731
+        new_p, mu, nu = copies(params), copies(state.mu), copies(state.nu)
+        nu_max = copies(state.nu_max) if amsgrad else []
+        count = state.count + 1
+        kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+        kernel(new_p, list(g), mu, nu, nu_max, [count.to(g[0].dtype)] * len(g),
+               lr=h["lr"].to(g[0].dtype), beta1=float(h["beta1"]), beta2=float(h["beta2"]),
+               weight_decay=float(h["weight_decay"]) if has_decay else 0.0, eps=float(h["eps"]),
+               amsgrad=amsgrad, maximize=maximize, grad_scale=None, found_inf=skip.to(torch.float32))
+        new_state = AdamState(
+            torch.where(skip, state.count, count),
+            {**state.mu, **dict(zip(names, mu))},
+            {**state.nu, **dict(zip(names, nu))},
+            {**state.nu_max, **dict(zip(names, nu_max))} if amsgrad else state.nu_max,
+            h,
+        )
+        return {**params, **dict(zip(names, new_p))}, new_state
+
+    return GradientTransformation(init, update, fused_apply=fused_apply)
 
 
 def adamw(

@@ -37,11 +37,19 @@ class GradientTransformation(NamedTuple):
     ``frozen(params) -> set of names`` (optional) names the parameters that
     must get no gradient at all; the train step leaves them out of the backward
     pass.
+
+    ``fused_apply(grads, state, params, skip, in_place=False) -> (new_params, new_state) | None``
+    (optional) is a shortcut for ``update`` + :func:`apply_updates` + "keep
+    everything as it was if ``skip``" in one fused kernel. It returns None for
+    inputs it cannot serve, and the step then takes the general path. The train
+    step uses it only in eager mode, outside ``vmap``; ``in_place`` means the
+    caller donated ``params`` and ``state``, so their tensors may be overwritten.
     """
 
     init: Callable[[Params], OptState]
     update: Callable[[Updates, OptState, Params], tuple[Updates, OptState]]
     frozen: Optional[Callable[[Params], frozenset]] = None
+    fused_apply: Optional[Callable[..., Optional[tuple[Params, OptState]]]] = None
 
 
 class EmptyState(NamedTuple):
