@@ -1,0 +1,28 @@
+"""Checkpoints: msgpack files (never pickle), written atomically and verified on loading.
+
+Example::
+
+    >>> import tempfile, os, torch, fbrain
+    >>> from fbrain import checkpoint, optim
+    >>> state = fbrain.TrainState.create(torch.nn.Linear(2, 1), optim.adam(1e-3))
+    >>> path = os.path.join(tempfile.mkdtemp(), "state.fbrain")
+    >>> checkpoint.save(path, state)
+    >>> back = checkpoint.load(path, template=state)
+    >>> torch.equal(back.params["weight"], state.params["weight"])
+    True
+"""
+
+from fbrain.checkpoint.files import atomic_open, fsync_dir, load, save, write_atomic
+from fbrain.checkpoint.restore import restore
+from fbrain.checkpoint.serialization import CheckpointError, from_bytes, read, register_type, to_bytes, write
+from fbrain.loss_scale import LossScaleState
+from fbrain.optim import AdamState, EmptyState, RMSpropState, SGDState
+from fbrain.state import Counters, TrainState
+
+for _cls in (TrainState, Counters, LossScaleState, AdamState, SGDState, RMSpropState, EmptyState):
+    register_type(_cls)
+
+__all__ = [
+    "CheckpointError", "atomic_open", "from_bytes", "fsync_dir", "load", "read", "register_type", "restore",
+    "save", "to_bytes", "write", "write_atomic",
+]

@@ -1,0 +1,85 @@
+"""Restoring a loaded tree into a template, strictly: every difference is an error naming its path.
+
+Example::
+
+    >>> import torch
+    >>> from fbrain.checkpoint.restore import restore
+    >>> restore({"w": torch.zeros(2)}, {"w": torch.ones(3)})
+    Traceback (most recent call last):
+    ...
+    fbrain.checkpoint.serialization.CheckpointError: ['w']: shape (3,) expected, file has (2,)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from fbrain.checkpoint.serialization import CheckpointError, _fields
+
+
+def _where(path: str) -> str:
+    return path or "tree"
+
+
+def _match(loaded: Any, template: Any, path: str) -> Any:
+    if isinstance(template, torch.Tensor):
+        if not isinstance(loaded, torch.Tensor):
+            raise CheckpointError(f"{_where(path)}: a tensor expected, file has {type(loaded).__name__}")
+        if loaded.shape != template.shape:
+            raise CheckpointError(
+                f"{_where(path)}: shape {tuple(template.shape)} expected, file has {tuple(loaded.shape)}")
+        if loaded.dtype != template.dtype:
+            raise CheckpointError(f"{_where(path)}: dtype {template.dtype} expected, file has {loaded.dtype}")
+        return loaded.to(template.device)
+    if isinstance(template, dict):
+        if not isinstance(loaded, dict):
+            raise CheckpointError(f"{_where(path)}: a dict expected, file has {type(loaded).__name__}")
+        missing = [k for k in template if k not in loaded]
+        extra = [k for k in loaded if k not in template]
+        if missing or extra:
+            raise CheckpointError(f"{_where(path)}: keys differ from the template: missing {missing}, "
+                                  f"unexpected {extra}")
+        return {k: _match(loaded[k], template[k], f"{path}[{k!r}]") for k in template}
+    if hasattr(template, "_fields") or (dataclasses.is_dataclass(template) and not isinstance(template, type)):
+        if type(loaded) is not type(template):
+            raise CheckpointError(f"{_where(path)}: {type(template).__name__} expected, "
+                                  f"file has {type(loaded).__name__}")
+        fields = {k: _match(v, getattr(template, k), f"{path}.{k}") for k, v in _fields(loaded).items()}
+        return type(template)(**fields)
+    if isinstance(template, (list, tuple)):
+        if type(loaded) is not type(template) or len(loaded) != len(template):
+            got = f"{type(loaded).__name__} of length {len(loaded)}" if isinstance(loaded, (list, tuple)) \
+                else type(loaded).__name__
+            raise CheckpointError(f"{_where(path)}: {type(template).__name__} of length {len(template)} "
+                                  f"expected, file has {got}")
+        return type(template)(_match(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(loaded, template)))
+    if type(loaded) is not type(template):
+        raise CheckpointError(f"{_where(path)}: {type(template).__name__} expected, file has "
+                              f"{type(loaded).__name__} ({loaded!r})")
+    return loaded
+
+
+def _to_device(tree: Any, device) -> Any:
+    from fbrain.tree import map_tensors
+
+    return map_tensors(lambda t: t.to(device), tree)
+
+
+def restore(loaded: Any, template: Any = None, device: torch.device | str | None = None) -> Any:
+    """``loaded`` checked against ``template`` (when given) and moved to ``device`` (when given).
+
+    Without a device, tensors take the template's devices (CPU without a template). A
+    TrainState's RNG key always stays on the CPU.
+    """
+    from fbrain.state import TrainState
+
+    out = loaded if template is None else _match(loaded, template, "")
+    if device is not None:
+        if isinstance(out, TrainState):
+            out = _to_device(out.replace(rng=None), device).replace(rng=out.rng)
+        else:
+            out = _to_device(out, device)
+    return out

@@ -1,0 +1,262 @@
+"""A TrainState (or any tree of tensors, numbers, strings, lists and dicts) as msgpack, never pickle.
+
+A file is a sequence of msgpack objects:
+
+1. a header map ``{"format": "fbrain", "version": 1}``;
+2. the raw bytes of every tensor, as ``bin`` objects of at most 1 GiB each (a larger tensor
+   is written in several), each starting at a 64-byte-aligned offset;
+3. the tree, in which a tensor is an extension object (code 1) holding its dtype, shape and
+   the file offsets of its bytes, a tuple is code 2 and a registered named type (TrainState,
+   optimizer states ...) is code 3 with its type name and fields;
+4. a fixed-size trailer (extension code 9): where the tree starts and a CRC-32 of every byte
+   before the trailer, which loading verifies before it decodes anything.
+
+Loading maps tensors straight onto the bytes read from the file (no copy); only extension
+codes 1-3 and 9 are accepted, and named types come from a registry, so loading never runs
+code named by the file.
+
+Example::
+
+    >>> import torch
+    >>> from fbrain.checkpoint import to_bytes, from_bytes
+    >>> tree = {"w": torch.arange(3, dtype=torch.bfloat16), "step": 7, "tag": ("a", None)}
+    >>> back = from_bytes(to_bytes(tree))
+    >>> torch.equal(back["w"], tree["w"]), back["step"], back["tag"]
+    (True, 7, ('a', None))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import struct
+import zlib
+from typing import Any, BinaryIO
+
+import msgpack
+import torch
+
+FORMAT = "fbrain"
+VERSION = 1
+CHUNK_BYTES = 1 << 30  # tensors above 1 GiB are written as several bin objects
+ALIGN = 64
+
+EXT_TENSOR, EXT_TUPLE, EXT_NAMED, EXT_TRAILER = 1, 2, 3, 9
+_TRAILER = struct.Struct("<QI")  # tree offset, CRC-32
+TRAILER_BYTES = 3 + _TRAILER.size  # ext8 header (0xc7, length, code) + payload
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32, torch.uint64,
+)}
+_NAMED: dict[str, type] = {}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or tree that cannot be written or read as asked."""
+
+
+def register_type(cls: type) -> type:
+    """Allow instances of ``cls`` (a NamedTuple or dataclass) in checkpoints; usable as a decorator.
+
+    Only registered types are rebuilt on loading: a file cannot make fbrain import anything.
+    """
+    if not (hasattr(cls, "_fields") or dataclasses.is_dataclass(cls)):
+        raise TypeError(f"register_type: {cls.__qualname__} is neither a NamedTuple nor a dataclass")
+    _NAMED[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return cls
+
+
+def _fields(obj) -> dict[str, Any]:
+    if hasattr(obj, "_fields"):
+        return dict(zip(obj._fields, obj))
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _type_name(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+class _Writer:
+    """Streams the file: tensor bytes go straight from their storage to the file."""
+
+    def __init__(self, out: BinaryIO):
+        self.out = out
+        self.crc = 0
+        self.offset = 0
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), CHUNK_BYTES):
+            part = view[start:start + CHUNK_BYTES]
+            self.out.write(part)
+            self.crc = zlib.crc32(part, self.crc)
+        self.offset += len(view)
+
+    def pad_to(self, boundary: int) -> None:
+        # Padding is a msgpack nil per byte, so the file stays a plain sequence of msgpack objects.
+        gap = (-(self.offset + 5)) % boundary  # 5 = the bin32 header that follows
+        if gap:
+            self.write(b"\xc0" * gap)
+
+    def blob(self, data: memoryview) -> tuple[int, int]:
+        """Write one bin object; return where its bytes start and how many there are."""
+        self.pad_to(ALIGN)
+        self.write(b"\xc6" + struct.pack(">I", len(data)))
+        start = self.offset
+        self.write(data)
+        return start, len(data)
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def _write_tensors(tree: Any, writer: _Writer, path: str) -> Any:
+    """The tree with each tensor replaced by its descriptor, writing the bytes as it goes."""
+    if isinstance(tree, torch.Tensor):
+        name = str(tree.dtype).removeprefix("torch.")
+        if name not in _DTYPES:
+            raise CheckpointError(f"{path or 'tree'}: dtype {tree.dtype} cannot be saved")
+        data = _tensor_bytes(tree)
+        spans = [writer.blob(data[i:i + CHUNK_BYTES]) for i in range(0, max(len(data), 1), CHUNK_BYTES)]
+        return msgpack.ExtType(EXT_TENSOR, msgpack.packb([name, list(tree.shape), spans]))
+    if isinstance(tree, dict):
+        for key in tree:
+            if not isinstance(key, str):
+                raise CheckpointError(f"{path or 'tree'}: dict keys must be strings, got {key!r}")
+        return {k: _write_tensors(v, writer, f"{path}[{k!r}]") for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_write_tensors(v, writer, f"{path}[{i}]") for i, v in enumerate(tree)]
+    if hasattr(tree, "_fields") or dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        name = _type_name(tree)
+        if name not in _NAMED:
+            raise CheckpointError(
+                f"{path or 'tree'}: type {name} is not registered; call fbrain.checkpoint.register_type on it")
+        fields = {k: _write_tensors(v, writer, f"{path}.{k}") for k, v in _fields(tree).items()}
+        return msgpack.ExtType(EXT_NAMED, msgpack.packb([name, fields], default=_nested_ext))
+    if isinstance(tree, tuple):
+        items = [_write_tensors(v, writer, f"{path}[{i}]") for i, v in enumerate(tree)]
+        return msgpack.ExtType(EXT_TUPLE, msgpack.packb(items, default=_nested_ext))
+    if tree is None or isinstance(tree, (bool, int, float, str, bytes)):
+        return tree
+    raise CheckpointError(f"{path or 'tree'}: cannot save a {type(tree).__name__} (no pickle: tensors, "
+                          "numbers, strings, bytes, None, lists, tuples, dicts and registered types only)")
+
+
+def _nested_ext(obj):
+    if isinstance(obj, msgpack.ExtType):
+        return obj
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def write(tree: Any, out: BinaryIO) -> None:
+    """Write ``tree`` to a binary file object (see :func:`fbrain.checkpoint.save` for files on disk)."""
+    writer = _Writer(out)
+    writer.write(msgpack.packb({"format": FORMAT, "version": VERSION}))
+    encoded = _write_tensors(tree, writer, "")
+    tree_offset = writer.offset
+    writer.write(msgpack.packb(encoded, default=_nested_ext))
+    payload = _TRAILER.pack(tree_offset, writer.crc)
+    out.write(bytes([0xC7, len(payload), EXT_TRAILER]) + payload)
+
+
+def to_bytes(tree: Any) -> bytes:
+    """``tree`` as the bytes of a checkpoint file."""
+    buffer = io.BytesIO()
+    write(tree, buffer)
+    return buffer.getvalue()
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    return head[:1] == b"\x80" or head[:2] == b"PK"  # pickle protocol 2+ / torch.save's zip
+
+
+def _check_envelope(buffer, name: str) -> int:
+    """Verify header, trailer and checksum; return where the tree starts."""
+    view = memoryview(buffer)
+    head = bytes(view[:32])
+    if _looks_like_pickle(head):
+        raise CheckpointError(
+            f"{name}: this is a pickle / torch.save file; fbrain never unpickles (loading a pickle can "
+            "run code). Convert SpeechBrain checkpoints with fbrain.checkpoint.import_speechbrain.")
+    try:
+        header = msgpack.Unpacker(io.BytesIO(head), raw=False)
+        first = next(header)
+    except Exception:
+        first = None
+    if not (isinstance(first, dict) and first.get("format") == FORMAT):
+        raise CheckpointError(f"{name}: not an fbrain checkpoint (no fbrain header)")
+    if first.get("version") != VERSION:
+        raise CheckpointError(f"{name}: checkpoint version {first.get('version')!r}, this fbrain reads {VERSION}")
+    if len(view) < TRAILER_BYTES or bytes(view[-TRAILER_BYTES:-_TRAILER.size]) != bytes([0xC7, _TRAILER.size,
+                                                                                       EXT_TRAILER]):
+        raise CheckpointError(f"{name}: truncated checkpoint (no trailer; the write did not finish)")
+    tree_offset, crc = _TRAILER.unpack(view[-_TRAILER.size:])
+    body = view[:-TRAILER_BYTES]
+    if zlib.crc32(body) != crc:
+        raise CheckpointError(f"{name}: corrupted checkpoint (checksum mismatch)")
+    if not 0 < tree_offset <= len(body):
+        raise CheckpointError(f"{name}: corrupted checkpoint (bad tree offset)")
+    return tree_offset
+
+
+def _decoder(buffer, name: str):
+    def ext_hook(code: int, data: bytes):
+        if code == EXT_TENSOR:
+            dtype_name, shape, spans = msgpack.unpackb(data, raw=False)
+            dtype = _DTYPES.get(dtype_name)
+            if dtype is None:
+                raise CheckpointError(f"{name}: unknown tensor dtype {dtype_name!r}")
+            return _tensor(buffer, dtype, shape, spans, name)
+        if code == EXT_TUPLE:
+            return tuple(msgpack.unpackb(data, raw=False, ext_hook=ext_hook, strict_map_key=True))
+        if code == EXT_NAMED:
+            type_name, fields = msgpack.unpackb(data, raw=False, ext_hook=ext_hook)
+            cls = _NAMED.get(type_name)
+            if cls is None:
+                raise CheckpointError(f"{name}: type {type_name!r} is not registered; refusing to build it")
+            return cls(**fields)
+        raise CheckpointError(f"{name}: msgpack extension type {code} is not fbrain's; refusing to load it")
+
+    return ext_hook
+
+
+def _tensor(buffer, dtype: torch.dtype, shape: list[int], spans: list, name: str) -> torch.Tensor:
+    count = 1
+    for n in shape:
+        count *= n
+    parts = []
+    for start, length in spans:
+        if start + length > len(buffer):
+            raise CheckpointError(f"{name}: corrupted checkpoint (tensor bytes beyond the end)")
+        if length:
+            parts.append(torch.frombuffer(buffer, dtype=torch.uint8, count=length, offset=start))
+    raw = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    if raw.numel() != count * torch.empty((), dtype=dtype).element_size():
+        raise CheckpointError(f"{name}: corrupted checkpoint (tensor of shape {tuple(shape)} has "
+                              f"{raw.numel()} bytes)")
+    return raw.view(dtype).reshape(shape)
+
+
+def read(buffer: bytearray, name: str = "checkpoint") -> Any:
+    """Decode a checkpoint held in a writable buffer; tensors share its memory."""
+    tree_offset = _check_envelope(buffer, name)
+    end = len(buffer) - TRAILER_BYTES
+    return msgpack.unpackb(memoryview(buffer)[tree_offset:end], raw=False, ext_hook=_decoder(buffer, name),
+                           strict_map_key=True)
+
+
+def from_bytes(data: bytes, template: Any = None, device: torch.device | str | None = None) -> Any:
+    """The tree stored in ``data`` (checked against ``template`` if given, moved to ``device``)."""
+    from fbrain.checkpoint.restore import restore  # local import: restore builds on this module
+
+    return restore(read(bytearray(data), "checkpoint bytes"), template, device)
