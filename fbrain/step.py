@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from fbrain import rng as _rng
+from fbrain.distributed import mean_across_ranks
 from fbrain.gradients import loss_and_grads, per_example_loss_and_grads, split_loss
 from fbrain.loss_scale import DynamicLossScale
 from fbrain.optim import _foreach as fe
@@ -101,6 +102,7 @@ class TrainStep:
         per_example: bool,
         loss_scale: DynamicLossScale,
         donate_state: bool = False,
+        process_group=None,
     ):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a function (params, buffers, batch, rng) -> loss, got {loss_fn!r}")
@@ -123,6 +125,7 @@ class TrainStep:
         self.per_example = per_example
         self.loss_scale = loss_scale
         self.donate_state = bool(donate_state)
+        self.process_group = process_group
         self._batch_spec = None
 
     # -- the public, checked entry points ---------------------------------------------------------
@@ -185,6 +188,9 @@ class TrainStep:
             losses.append(loss)
             grads = g if grads is None else dict(zip(g, fe.add(list(grads.values()), list(g.values()))))
         loss = losses[0] if k == 1 else torch.stack(losses).mean()
+        if self.process_group is not None:
+            # One collective per step, after the local micro-batches: all ranks then agree bit for bit.
+            grads, loss = mean_across_ranks(grads, loss, self.process_group)
 
         names = list(grads)
         if fp16:
@@ -260,6 +266,7 @@ def make_train_step(
     per_example: bool = False,
     loss_scale: DynamicLossScale = DynamicLossScale(),
     donate_state: bool = False,
+    process_group=None,
 ) -> TrainStep:
     """A pure ``train_step(state, batch) -> (state, metrics)``.
 
@@ -278,12 +285,14 @@ def make_train_step(
             state's tensors (like JAX's buffer donation) when a fused in-place kernel can do the
             whole update; the input state must not be used after the call. Saves a copy of the
             parameters and moments per step. Off by default: the step is then pure.
+        process_group: a ``torch.distributed`` group: gradients and loss are averaged over its
+            ranks inside the step (one flat all-reduce per step; see :mod:`fbrain.distributed`).
 
     Metrics: ``loss``, ``grad_norm`` (before clipping), ``skipped``, ``loss_scale`` (fp16),
     per-example entries with ``per_example``, and the loss function's aux entries; all tensors.
     """
     return TrainStep(loss_fn, optimizer, max_grad_norm, precision, accumulation, per_example, loss_scale,
-                     donate_state)
+                     donate_state, process_group)
 
 
 class EvalStep:

@@ -12,6 +12,9 @@ import fbrain
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
+# Scripts that tests launch in subprocesses (torchrun, SpeechBrain references): not test modules.
+collect_ignore = ["scripts"]
+
 
 def speech_samples() -> pathlib.Path | None:
     """``$FBRAIN_SAMPLES`` or ``../shared/data/speech-samples`` beside the repository, if present."""

@@ -1,0 +1,148 @@
+"""Run options: SpeechBrain's names and defaults, resolved command line > hparams > defaults.
+
+Example::
+
+    >>> from fbrain.brain.run_options import resolve_run_options
+    >>> opts = resolve_run_options({"max_grad_norm": 1.0}, {"max_grad_norm": 3.0, "debug": True})
+    >>> opts["max_grad_norm"], opts["debug"], opts["nonfinite_patience"]
+    (1.0, True, 3)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+# The options fbrain's Brain acts on, with SpeechBrain's defaults.
+DEFAULTS: dict[str, Any] = {
+    "device": "cpu",
+    "precision": "fp32",
+    "eval_precision": "fp32",
+    "debug": False,
+    "debug_batches": 2,
+    "debug_epochs": 2,
+    "max_grad_norm": 5.0,
+    "skip_nonfinite_grads": False,
+    "nonfinite_patience": 3,
+    "grad_accumulation_factor": 1,
+    "optimizer_step_limit": None,
+    "noprogressbar": False,
+    "ckpt_interval_minutes": 0.0,
+    "ckpt_interval_steps": 0,
+    "compile": False,
+    "compile_module_keys": None,
+    "compile_mode": "reduce-overhead",
+    "compile_using_fullgraph": False,
+    "distributed_backend": "nccl",
+    "find_unused_parameters": False,
+    "tqdm_colored_bar": False,
+    "data_parallel_backend": False,
+    # SpeechBrain options that a recipe's hparams or command line may carry. They are accepted so
+    # a recipe ports unchanged; the ones with no effect here are listed in docs/brain.md.
+    "test_only": False,
+    "debug_persistently": False,
+    "log_config": None,
+    "param_file": "",
+    "jit": False,
+    "jit_module_keys": None,
+    "compile_using_dynamic_shape_tracing": False,
+    "auto_mix_prec": False,
+    "bfloat16_mix_prec": False,
+    "data_parallel_count": -1,
+    "distributed_launch": False,
+    "tqdm_barcolor": {"train": "GREEN", "valid": "MAGENTA", "test": "CYAN"},
+}
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+HELP = {
+    "device": "the device to run on (e.g. 'cuda:0')",
+    "precision": "training precision: fp32, bf16 or fp16",
+    "eval_precision": "evaluation precision: fp32, bf16 or fp16",
+    "debug": "run only debug_batches batches for debug_epochs epochs",
+    "debug_batches": "batches per stage in debug mode",
+    "debug_epochs": "epochs in debug mode",
+    "max_grad_norm": "clip all gradients to this global norm; <= 0 disables clipping",
+    "skip_nonfinite_grads": "accepted for compatibility: non-finite steps are always skipped",
+    "nonfinite_patience": "non-finite steps tolerated per epoch before an error",
+    "grad_accumulation_factor": "batches whose gradients are summed before one update",
+    "optimizer_step_limit": "stop after this many optimizer steps",
+    "noprogressbar": "disable the progress bars",
+    "ckpt_interval_minutes": "minutes between intra-epoch checkpoints (<= 0: none)",
+    "ckpt_interval_steps": "steps between intra-epoch checkpoints (<= 0: none)",
+    "compile": "torch.compile the modules",
+    "compile_mode": "torch.compile mode",
+    "compile_using_fullgraph": "torch.compile with fullgraph=True",
+    "distributed_backend": "nccl, gloo or mpi",
+    "find_unused_parameters": "DDP's find_unused_parameters",
+    "tqdm_colored_bar": "colour the progress bars",
+    "data_parallel_backend": "wrap modules in torch.nn.DataParallel",
+    "test_only": "skip training, only evaluate",
+}
+
+
+def run_option_names() -> list[str]:
+    return list(DEFAULTS)
+
+
+def _overridden(run_opts: Any) -> dict[str, Any]:
+    """The explicitly given options of ``run_opts`` (a dict, or SpeechBrain's RunOptions)."""
+    if run_opts is None:
+        return {}
+    if hasattr(run_opts, "overridden_args") and hasattr(run_opts, "as_dict"):
+        # speechbrain.utils.run_opts.RunOptions: only what the user set counts as given.
+        values = run_opts.as_dict()
+        return {k: values[k] for k in run_opts.overridden_args}
+    if not isinstance(run_opts, Mapping):
+        raise TypeError(f"run_opts: expected a dict of run options, got {type(run_opts).__name__}")
+    return dict(run_opts)
+
+
+def resolve_run_options(run_opts: Any = None, hparams: Mapping | None = None) -> dict[str, Any]:
+    """Every run option: ``run_opts`` (the command line) > ``hparams`` > :data:`DEFAULTS`.
+
+    An unknown name in ``run_opts`` is a ``ValueError``; hparams may hold anything (only the
+    entries named like run options are read).
+    """
+    given = _overridden(run_opts)
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"run_opts: unknown run option(s) {unknown}; known options: {', '.join(sorted(DEFAULTS))}"
+        )
+    hparams = hparams or {}
+    resolved = {}
+    for name, default in DEFAULTS.items():
+        if name in given:
+            resolved[name] = given[name]
+        elif name in hparams:
+            resolved[name] = hparams[name]
+        else:
+            resolved[name] = default
+    # SpeechBrain's deprecated spellings of the precision.
+    if resolved["auto_mix_prec"]:
+        resolved["precision"] = "fp16"
+    if resolved["bfloat16_mix_prec"]:
+        resolved["precision"] = "bf16"
+    validate(resolved)
+    return resolved
+
+
+def validate(opts: dict[str, Any]) -> None:
+    """Precise errors for values that would fail later in a confusing way."""
+    for name in ("precision", "eval_precision"):
+        if opts[name] not in PRECISIONS:
+            raise ValueError(f"run option {name}: expected one of {PRECISIONS}, got {opts[name]!r}")
+    for name in ("grad_accumulation_factor", "debug_batches", "debug_epochs", "nonfinite_patience"):
+        value = opts[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name != "nonfinite_patience" else 0):
+            raise ValueError(f"run option {name}: expected a positive int, got {value!r}")
+    mgn = opts["max_grad_norm"]
+    if mgn is not None and (isinstance(mgn, bool) or not isinstance(mgn, (int, float))):
+        raise ValueError(f"run option max_grad_norm: expected a number or None, got {mgn!r}")
+    limit = opts["optimizer_step_limit"]
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+        raise ValueError(f"run option optimizer_step_limit: expected an int or None, got {limit!r}")
+    if opts["ckpt_interval_minutes"] > 0 and opts["ckpt_interval_steps"] > 0:
+        raise ValueError(
+            "run options ckpt_interval_minutes and ckpt_interval_steps are mutually exclusive; set only one"
+        )
