@@ -14,7 +14,7 @@ Example::
     >>> state, metrics = step(state, {"x": torch.randn(4, 3), "y": torch.randn(4, 1)})
 """
 
-from fbrain import distributed, optim, rng, tree
+from fbrain import distributed, functional, optim, rng, tree
 from fbrain.ensemble import ensemble_step, stack_states, unstack_states
 from fbrain.functional import apply_module
 from fbrain.gradients import per_example_grads
@@ -32,7 +32,7 @@ from fbrain.step import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Counters", "DynamicLossScale", "EvalStep", "distributed", "LossScaleState", "TrainState", "TrainStep",
+    "Counters", "DynamicLossScale", "EvalStep", "distributed", "functional", "LossScaleState", "TrainState", "TrainStep",
     "apply_module", "ensemble_step", "make_eval_step", "make_train_step", "micro_batches",
     "optim", "per_example_grads", "rng", "stack_micro_batches", "stack_states", "tree",
     "unstack_states",

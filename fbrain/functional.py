@@ -20,10 +20,11 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module  # what functional_call itself uses
 
 
 def check_names_and_shapes(module: torch.nn.Module, params: dict, buffers: dict) -> None:
@@ -45,6 +46,28 @@ def check_names_and_shapes(module: torch.nn.Module, params: dict, buffers: dict)
                 raise ValueError(
                     f"{kind}[{name!r}]: expected shape {tuple(want)} (the module's), got {tuple(tensor.shape)}"
                 )
+
+
+def call_with(
+    module: torch.nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    fn: Callable[..., Any],
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(fn(module, *args, **kwargs), new_buffers)`` with ``module``'s tensors swapped for the given ones.
+
+    Like :func:`apply_module`, for code that uses a module in more ways than one forward call
+    (several submodules, helper methods)::
+
+        loss, new_buffers = call_with(model, params, buffers, lambda m, x, y: mse(m(x), m.post(y)), x, y)
+    """
+    check_names_and_shapes(module, params, buffers)
+    private = {name: b.clone() for name, b in buffers.items()}
+    with _reparametrize_module(module, {**params, **private}, tie_weights=True, strict=True):
+        out = fn(module, *args, **kwargs)
+    return out, private
 
 
 def apply_module(

@@ -385,3 +385,16 @@ def test_a_donated_state_gives_the_same_result_as_the_pure_step():
     c = clone_tree(b)
     d, _ = donating(c, batches(1)[0])
     assert d.params["0.weight"].data_ptr() == c.params["0.weight"].data_ptr()
+
+
+def test_call_with_swaps_tensors_around_any_function_of_the_module():
+    model = ConvNet(0)
+    state = fbrain.TrainState.create(model, optim.sgd(0.1))
+    zeroed = {k: torch.zeros_like(v) for k, v in state.params.items()}
+    x = conv_batches(1)[0][0]
+    out, new_buffers = fbrain.functional.call_with(model, zeroed, state.buffers, lambda m, v: m(v) + m.head.bias, x)
+    assert torch.equal(out, torch.zeros(8, 2))  # all weights zero
+    assert int(new_buffers["norm.num_batches_tracked"]) == 1
+    assert int(model.norm.num_batches_tracked) == 0 and not torch.equal(model.head.weight, zeroed["head.weight"])
+    with pytest.raises(KeyError, match="missing"):
+        fbrain.functional.call_with(model, {}, state.buffers, lambda m: None)

@@ -1,0 +1,210 @@
+"""The benchmark suite: fbrain beside SpeechBrain and plain PyTorch on the same workloads.
+
+    python -m benchmarks [--quick | --full] [--out DIR] [--device cpu|cuda]
+
+For each workload every system trains the same model from the same weights on the same batches.
+After a warm-up the systems take turns (A B C A B C ...) so that noise on a shared machine hits
+them alike; the figures are medians of the turns. Peak memory is measured per system in a fresh
+process (RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+from tqdm import tqdm
+
+from benchmarks import systems as S
+from benchmarks.workloads import FULL, QUICK, WORKLOADS
+
+MODES = {  # steps per turn, turns, warm-up steps
+    "tiny": (1, 1, 1),
+    "quick": (3, 5, 2),
+    "full": (10, 9, 3),
+}
+AGREEMENT = 1e-3  # relative difference of final losses that counts as a disagreement
+
+
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def measure_memory(workload: str, system: str, device: str, steps: int) -> float | None:
+    """Peak memory of one system alone, in a fresh process."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.suite", "--memory-probe", workload, system, device,
+                           str(steps)], capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+
+
+def memory_probe(workload: str, system: str, device: str, steps: int) -> None:
+    dev = torch.device(device)
+    cls = next(c for c in S.SYSTEMS if c.name == system)
+    w = WORKLOADS[workload]
+    instance = cls(w, S.Batches(w, steps, dev), dev)
+    instance.run(steps)
+    peak = instance.peak_memory_mb() if hasattr(instance, "peak_memory_mb") else peak_memory_mb(dev)
+    if hasattr(instance, "close"):
+        instance.close()
+    print(json.dumps({"peak_mem_mb": peak}))
+
+
+def run_workload(name: str, device: torch.device, mode: str, memory: bool, progress) -> list[dict]:
+    steps, turns, warmup = MODES[mode]
+    workload = WORKLOADS[name]
+    batches = S.Batches(workload, warmup + steps * turns, device)
+    live, rows = {}, {}
+    for cls in S.SYSTEMS:
+        row = {"workload": name, "system": cls.name, "error": None}
+        rows[cls.name] = row
+        try:
+            system = cls(workload, batches, device)
+            system.run(warmup)  # first calls compile, allocate, fill caches
+            live[cls.name] = system
+        except Exception as err:  # a system that cannot run this workload is reported, not hidden
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    samples = {k: [] for k in live}
+    for _ in range(turns):
+        for key, system in live.items():
+            samples[key].append(system.run(steps) / steps * 1e6)
+        progress.update(1)
+    for key, system in live.items():
+        s = samples[key]
+        rows[key].update(us_per_step=statistics.median(s), us_min=min(s), us_max=max(s),
+                         steps_per_s=1e6 / statistics.median(s), final_loss=system.loss(),
+                         trains=getattr(system, "trains", True))
+        if hasattr(system, "close"):
+            system.close()
+    for key, row in rows.items():
+        row["peak_mem_mb"] = measure_memory(name, key, str(device), max(warmup, 2)) if memory and not row["error"] \
+            else None
+    _ratios_and_agreement(list(rows.values()))
+    return list(rows.values())
+
+
+def _ratios_and_agreement(rows: list[dict]) -> None:
+    by = {r["system"]: r for r in rows}
+    for row in rows:
+        for ref in ("torch-loop", "speechbrain", "fwd+bwd"):
+            base = by.get(ref, {}).get("us_per_step")
+            row[f"x_{ref}"] = row["us_per_step"] / base if base and row.get("us_per_step") else None
+    reference = by.get("torch-loop", {}).get("final_loss")
+    for row in rows:
+        loss = row.get("final_loss")
+        if reference is None or loss is None or not row.get("trains", True) or row["error"]:
+            continue
+        if abs(loss - reference) > AGREEMENT * max(abs(reference), 1e-12):
+            row["error"] = f"final loss {loss:.6g} disagrees with torch-loop's {reference:.6g}"
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+    out = [f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), "
+           f"torch {info['torch']}, device {info['device']}{', ' + info['gpu'] if 'gpu' in info else ''}; "
+           f"{info['date']}.", ""]
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        out += [f"### {name}: {WORKLOADS[name].note}", "",
+                "| system | us/step (median) | min | max | steps/s | peak MB | x torch-loop | x speechbrain "
+                "| x fwd+bwd | final loss |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in (r for r in rows if r["workload"] == name):
+            if r.get("us_per_step") is None:
+                out.append(f"| {r['system']} | ERROR: {r['error']} | | | | | | | | |")
+                continue
+            fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+            loss = fmt(r["final_loss"], ".6g") if r.get("trains", True) else "(no update)"
+            if r["error"]:
+                loss += f" ERROR: {r['error']}"
+            out.append(f"| {r['system']} | {r['us_per_step']:.0f} | {r['us_min']:.0f} | {r['us_max']:.0f} | "
+                       f"{r['steps_per_s']:.1f} | {fmt(r['peak_mem_mb'], '.0f')} | {fmt(r['x_torch-loop'], '.2f')} | "
+                       f"{fmt(r['x_speechbrain'], '.2f')} | {fmt(r['x_fwd+bwd'], '.2f')} | {loss} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def chart(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    systems = [c.name for c in S.SYSTEMS]
+    fig, ax = plt.subplots(figsize=(2.2 * len(workloads) + 3, 4.5))
+    width = 0.8 / len(systems)
+    for k, system in enumerate(systems):
+        values = [next((r.get("x_torch-loop") or 0 for r in rows if r["workload"] == w and r["system"] == system), 0)
+                  for w in workloads]
+        ax.bar([i + k * width for i in range(len(workloads))], values, width, label=system)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(workloads))], workloads)
+    ax.set_ylabel("time per step / torch-loop (lower is better)")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--memory-probe"]:
+        return memory_probe(argv[1], argv[2], argv[3], int(argv[4]))
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="mode", action="store_const", const="quick", help="the default; ~10 min on 2 cores")
+    size.add_argument("--full", dest="mode", action="store_const", const="full", help="more turns, larger ConvTasNet")
+    size.add_argument("--tiny", dest="mode", action="store_const", const="tiny", help="one step each (for tests)")
+    parser.add_argument("--out", default="bench-out", help="folder for results.json and chart.png")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), help="a subset to run")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-system peak-memory processes")
+    args = parser.parse_args(argv)
+    mode = args.mode or "quick"
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    names = args.workloads or (FULL if mode == "full" else QUICK)
+    info = machine(device)
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    rows = []
+    with tqdm(total=len(names) * MODES[mode][1], desc="benchmarks", unit="turn") as progress:
+        for name in names:
+            progress.set_postfix_str(name)
+            rows += run_workload(name, device, mode, memory=not args.no_memory and mode != "tiny", progress=progress)
+    table = markdown(rows, info)
+    print(table)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"machine": info, "mode": mode, "seconds": time.perf_counter() - start, "rows": rows}, f, indent=1)
+    chart(rows, os.path.join(args.out, "chart.png"))
+    print(f"\nwrote {args.out}/results.json and {args.out}/chart.png in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
