@@ -12,6 +12,7 @@ Example::
     True
 """
 
+from fbrain.checkpoint.checkpointer import Checkpoint, Checkpointer, mark_as_loader, mark_as_saver
 from fbrain.checkpoint.files import atomic_open, fsync_dir, load, save, write_atomic
 from fbrain.checkpoint.restore import restore
 from fbrain.checkpoint.serialization import CheckpointError, from_bytes, read, register_type, to_bytes, write
@@ -23,6 +24,6 @@ for _cls in (TrainState, Counters, LossScaleState, AdamState, SGDState, RMSpropS
     register_type(_cls)
 
 __all__ = [
-    "CheckpointError", "atomic_open", "from_bytes", "fsync_dir", "load", "read", "register_type", "restore",
+    "Checkpoint", "Checkpointer", "mark_as_loader", "mark_as_saver", "CheckpointError", "atomic_open", "from_bytes", "fsync_dir", "load", "read", "register_type", "restore",
     "save", "to_bytes", "write", "write_atomic",
 ]

@@ -51,6 +51,7 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32, torch.uint64,
 )}
 _NAMED: dict[str, type] = {}
+_HEADER = msgpack.packb({"format": FORMAT, "version": VERSION})
 
 
 class CheckpointError(ValueError):
@@ -158,7 +159,7 @@ def _nested_ext(obj):
 def write(tree: Any, out: BinaryIO) -> None:
     """Write ``tree`` to a binary file object (see :func:`fbrain.checkpoint.save` for files on disk)."""
     writer = _Writer(out)
-    writer.write(msgpack.packb({"format": FORMAT, "version": VERSION}))
+    writer.write(_HEADER)
     encoded = _write_tensors(tree, writer, "")
     tree_offset = writer.offset
     writer.write(msgpack.packb(encoded, default=_nested_ext))
@@ -188,22 +189,26 @@ def _check_envelope(buffer, name: str) -> int:
         raise CheckpointError(
             f"{name}: this is a pickle / torch.save file; fbrain never unpickles (loading a pickle can "
             "run code). Convert SpeechBrain checkpoints with fbrain.checkpoint.import_speechbrain.")
-    try:
-        header = msgpack.Unpacker(io.BytesIO(head), raw=False)
-        first = next(header)
-    except Exception:
-        first = None
-    if not (isinstance(first, dict) and first.get("format") == FORMAT):
-        raise CheckpointError(f"{name}: not an fbrain checkpoint (no fbrain header)")
-    if first.get("version") != VERSION:
-        raise CheckpointError(f"{name}: checkpoint version {first.get('version')!r}, this fbrain reads {VERSION}")
-    if len(view) < TRAILER_BYTES or bytes(view[-TRAILER_BYTES:-_TRAILER.size]) != bytes([0xC7, _TRAILER.size,
-                                                                                       EXT_TRAILER]):
-        raise CheckpointError(f"{name}: truncated checkpoint (no trailer; the write did not finish)")
+    has_trailer = len(view) >= TRAILER_BYTES and bytes(view[-TRAILER_BYTES:-_TRAILER.size]) == bytes(
+        [0xC7, _TRAILER.size, EXT_TRAILER])
+    has_header = head.startswith(_HEADER)
+    if not has_trailer:
+        if has_header:
+            raise CheckpointError(f"{name}: truncated checkpoint (no trailer; the write did not finish)")
+        raise CheckpointError(f"{name}: not an fbrain checkpoint (no fbrain header or trailer)")
     tree_offset, crc = _TRAILER.unpack(view[-_TRAILER.size:])
     body = view[:-TRAILER_BYTES]
     if zlib.crc32(body) != crc:
         raise CheckpointError(f"{name}: corrupted checkpoint (checksum mismatch)")
+    if not has_header:
+        try:
+            first = next(msgpack.Unpacker(io.BytesIO(head), raw=False))
+        except Exception:
+            first = None
+        if isinstance(first, dict) and first.get("format") == FORMAT:
+            raise CheckpointError(f"{name}: checkpoint version {first.get('version')!r}, "
+                                  f"this fbrain reads version {VERSION}")
+        raise CheckpointError(f"{name}: corrupted checkpoint (bad header)")
     if not 0 < tree_offset <= len(body):
         raise CheckpointError(f"{name}: corrupted checkpoint (bad tree offset)")
     return tree_offset

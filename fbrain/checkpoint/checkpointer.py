@@ -1,0 +1,295 @@
+"""SpeechBrain's ``Checkpointer``: named recoverables saved together in ``CKPT+<time>`` folders.
+
+A checkpoint is a folder holding one file per recoverable (``<name>.ckpt``, in fbrain's msgpack
+format, never pickle) and a ``CKPT.yaml`` metadata file (written as JSON, which YAML readers accept).
+A folder is written under a temporary name and renamed when complete, so a crash mid-save leaves
+no folder that looks like a checkpoint; the leftovers are ignored and removed later. When the
+newest checkpoint turns out damaged, :meth:`Checkpointer.recover_if_possible` warns and falls back
+to the newest intact one.
+
+Example::
+
+    >>> import tempfile, torch
+    >>> from fbrain.checkpoint import Checkpointer
+    >>> model = torch.nn.Linear(2, 2)
+    >>> ckpt = Checkpointer(tempfile.mkdtemp(), {"model": model})
+    >>> saved = ckpt.save_checkpoint(meta={"loss": 0.5})
+    >>> with torch.no_grad():
+    ...     _ = model.weight.zero_()
+    >>> ckpt.recover_if_possible().meta["loss"], bool(model.weight.abs().sum() > 0)
+    (0.5, True)
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from fbrain.checkpoint.files import fsync_dir, load, save
+from fbrain.checkpoint.serialization import CheckpointError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "CKPT"
+META_FILE = "CKPT.yaml"
+SUFFIX = ".ckpt"
+TMP_MARK = ".incomplete-"
+
+Checkpoint = collections.namedtuple("Checkpoint", ["path", "meta", "paramfiles"])
+Checkpoint.__doc__ = "A saved checkpoint: its folder, its metadata, and the file of each recoverable."
+
+
+# -- how one recoverable is saved and loaded -------------------------------------------------------
+
+def mark_as_saver(method: Callable) -> Callable:
+    """Mark ``method(self, path)`` as the object's checkpoint saver."""
+    method._fbrain_saver = True
+    return method
+
+
+def mark_as_loader(method: Callable) -> Callable:
+    """Mark ``method(self, path, end_of_epoch)`` as the object's checkpoint loader."""
+    method._fbrain_loader = True
+    return method
+
+
+def _marked(obj: Any, flag: str):
+    for name in dir(type(obj)):
+        if getattr(getattr(type(obj), name, None), flag, False):
+            return getattr(obj, name)
+    return None
+
+
+def default_save(obj: Any, path: str) -> None:
+    """Save a recoverable by what it is: marked hooks, a module, a generator, or a state_dict owner."""
+    saver = _marked(obj, "_fbrain_saver")
+    if saver is not None:
+        return saver(path)
+    if isinstance(obj, torch.Generator):
+        return save(path, {"generator_state": obj.get_state()})
+    if hasattr(obj, "state_dict"):
+        return save(path, obj.state_dict())
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}: give it @mark_as_saver/@mark_as_loader "
+                    "methods, a state_dict()/load_state_dict() pair, or custom hooks in add_recoverable")
+
+
+def default_load(obj: Any, path: str, end_of_epoch: bool, allow_partial: bool) -> None:
+    loader = _marked(obj, "_fbrain_loader")
+    if loader is not None:
+        return loader(path, end_of_epoch)
+    if isinstance(obj, torch.Generator):
+        return obj.set_state(load(path)["generator_state"])
+    if isinstance(obj, torch.nn.Module):
+        state = load(path)
+        missing, unexpected = obj.load_state_dict(state, strict=not allow_partial)
+        if missing or unexpected:
+            log.warning("partial load of %s: missing %s, unexpected %s", path, missing, unexpected)
+        return None
+    if hasattr(obj, "load_state_dict"):
+        return obj.load_state_dict(load(path))
+    raise TypeError(f"cannot recover a {type(obj).__name__}: it has no loader")
+
+
+# -- the Checkpointer ------------------------------------------------------------------------------
+
+class Checkpointer:
+    """Saves and recovers a set of named objects, with SpeechBrain's method names and semantics."""
+
+    def __init__(self, checkpoints_dir: str | os.PathLike, recoverables: dict | None = None,
+                 custom_load_hooks: dict | None = None, custom_save_hooks: dict | None = None,
+                 allow_partial_load: bool = False):
+        self.checkpoints_dir = os.fspath(checkpoints_dir)
+        os.makedirs(self.checkpoints_dir, exist_ok=True)
+        self.recoverables: dict[str, Any] = {}
+        self.custom_load_hooks: dict[str, Callable] = {}
+        self.custom_save_hooks: dict[str, Callable] = {}
+        self.allow_partial_load = allow_partial_load
+        for name, obj in (recoverables or {}).items():
+            self.add_recoverable(name, obj, (custom_save_hooks or {}).get(name),
+                                 (custom_load_hooks or {}).get(name))
+
+    def add_recoverable(self, name: str, obj: Any, custom_save_hook: Callable | None = None,
+                        custom_load_hook: Callable | None = None, optional_load: bool = False) -> None:
+        if not isinstance(name, str) or not name or os.sep in name:
+            raise ValueError(f"recoverable name: expected a non-empty file-name-safe string, got {name!r}")
+        if name in self.recoverables:
+            raise ValueError(f"recoverable {name!r} is already registered")
+        self.recoverables[name] = obj
+        if custom_save_hook is not None:
+            self.custom_save_hooks[name] = custom_save_hook
+        if custom_load_hook is not None:
+            self.custom_load_hooks[name] = custom_load_hook
+
+    def add_recoverables(self, recoverables: dict) -> None:
+        for name, obj in recoverables.items():
+            self.add_recoverable(name, obj)
+
+    # -- saving ----------------------------------------------------------------------------------
+
+    def _new_folder_name(self, name: str | None) -> str:
+        stamp = name or time.strftime("%Y-%m-%d+%H-%M-%S")
+        for n in range(100):
+            candidate = f"{PREFIX}+{stamp}+{n:02d}"
+            if not os.path.exists(os.path.join(self.checkpoints_dir, candidate)):
+                return candidate
+        raise FileExistsError(f"{self.checkpoints_dir}: too many checkpoints named {stamp!r}")
+
+    def save_checkpoint(self, meta: dict | None = None, end_of_epoch: bool = True,
+                        name: str | None = None, verbosity: int = logging.INFO) -> Checkpoint:
+        """Save every recoverable into a new ``CKPT+...`` folder; it appears only once complete."""
+        self._remove_leftovers()
+        final = self._new_folder_name(name)
+        tmp = tempfile.mkdtemp(prefix=f"{final}{TMP_MARK}", dir=self.checkpoints_dir)
+        try:
+            paramfiles = {}
+            for key, obj in self.recoverables.items():
+                path = os.path.join(tmp, key + SUFFIX)
+                hook = self.custom_save_hooks.get(key)
+                hook(obj, path) if hook is not None else default_save(obj, path)
+                paramfiles[key] = path
+            full_meta = {**(meta or {}), "end-of-epoch": end_of_epoch, "unixtime": time.time()}
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                json.dump(full_meta, f, indent=1, default=_json_number)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(tmp)
+            os.replace(tmp, os.path.join(self.checkpoints_dir, final))
+            fsync_dir(self.checkpoints_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        path = os.path.join(self.checkpoints_dir, final)
+        log.log(verbosity, "saved checkpoint %s", path)
+        return Checkpoint(path, full_meta, {k: os.path.join(path, os.path.basename(v)) for k, v in paramfiles.items()})
+
+    def save_and_keep_only(self, meta=None, end_of_epoch=True, name=None, num_to_keep=1, keep_recent=True,
+                           importance_keys=None, max_keys=None, min_keys=None, ckpt_predicate=None,
+                           verbosity=logging.INFO) -> Checkpoint:
+        """Save, then delete the checkpoints that are neither among the best nor the most recent."""
+        saved = self.save_checkpoint(meta=meta, end_of_epoch=end_of_epoch, name=name, verbosity=verbosity)
+        keys = list(importance_keys or [])
+        if keep_recent:
+            keys.append(_recency)
+        self.delete_checkpoints(num_to_keep=num_to_keep, max_keys=max_keys, min_keys=min_keys,
+                                importance_keys=keys, ckpt_predicate=ckpt_predicate, verbosity=verbosity)
+        return saved
+
+    # -- finding -----------------------------------------------------------------------------------
+
+    def list_checkpoints(self) -> list[Checkpoint]:
+        """Every complete checkpoint folder (leftovers of interrupted saves are not checkpoints)."""
+        found = []
+        for entry in sorted(os.listdir(self.checkpoints_dir)):
+            path = os.path.join(self.checkpoints_dir, entry)
+            if not entry.startswith(PREFIX + "+") or TMP_MARK in entry or not os.path.isdir(path):
+                continue
+            try:
+                with open(os.path.join(path, META_FILE)) as f:
+                    meta = json.load(f)
+            except (OSError, ValueError):
+                log.warning("ignoring %s: no readable %s", path, META_FILE)
+                continue
+            paramfiles = {f[:-len(SUFFIX)]: os.path.join(path, f) for f in os.listdir(path) if f.endswith(SUFFIX)}
+            found.append(Checkpoint(path, meta, paramfiles))
+        return found
+
+    def find_checkpoints(self, importance_key=None, max_key=None, min_key=None, ckpt_predicate=None,
+                         max_num_checkpoints=None) -> list[Checkpoint]:
+        """Checkpoints ordered from best to worst (default: newest first)."""
+        key = _importance(importance_key, max_key, min_key)
+        candidates = [c for c in self.list_checkpoints()
+                      if (ckpt_predicate is None or ckpt_predicate(c))
+                      and (max_key is None or max_key in c.meta) and (min_key is None or min_key in c.meta)]
+        ranked = sorted(candidates, key=key, reverse=True)
+        return ranked if max_num_checkpoints is None else ranked[:max_num_checkpoints]
+
+    def find_checkpoint(self, importance_key=None, max_key=None, min_key=None, ckpt_predicate=None):
+        """The best checkpoint, or None."""
+        ranked = self.find_checkpoints(importance_key, max_key, min_key, ckpt_predicate)
+        return ranked[0] if ranked else None
+
+    # -- recovering --------------------------------------------------------------------------------
+
+    def load_checkpoint(self, checkpoint: Checkpoint) -> None:
+        end_of_epoch = bool(checkpoint.meta.get("end-of-epoch", True))
+        for key, obj in self.recoverables.items():
+            path = checkpoint.paramfiles.get(key)
+            if path is None:
+                if self.allow_partial_load:
+                    continue
+                raise CheckpointError(f"{checkpoint.path}: has no file for recoverable {key!r}")
+            hook = self.custom_load_hooks.get(key)
+            if hook is not None:
+                hook(obj, path, end_of_epoch)
+            else:
+                default_load(obj, path, end_of_epoch, self.allow_partial_load)
+
+    def recover_if_possible(self, importance_key=None, max_key=None, min_key=None, ckpt_predicate=None):
+        """Load the best checkpoint; if it is damaged, warn and try the next. Returns it, or None."""
+        for checkpoint in self.find_checkpoints(importance_key, max_key, min_key, ckpt_predicate):
+            try:
+                self.load_checkpoint(checkpoint)
+            except CheckpointError as err:
+                warnings.warn(f"checkpoint {checkpoint.path} is damaged ({err}); trying an older one",
+                              stacklevel=2)
+                continue
+            log.info("recovered from %s", checkpoint.path)
+            return checkpoint
+        return None
+
+    # -- deleting ----------------------------------------------------------------------------------
+
+    def delete_checkpoints(self, num_to_keep=1, min_keys=None, max_keys=None, importance_keys=None,
+                           ckpt_predicate=None, verbosity=logging.INFO) -> None:
+        """Delete checkpoints except the ``num_to_keep`` best under each importance criterion."""
+        if num_to_keep < 0:
+            raise ValueError(f"num_to_keep: expected >= 0, got {num_to_keep}")
+        criteria = [(None, k, None) for k in (max_keys or [])] + [(None, None, k) for k in (min_keys or [])]
+        criteria += [(k, None, None) for k in (importance_keys or [])]
+        if not criteria:
+            criteria = [(_recency, None, None)]
+        deletable = [c for c in self.list_checkpoints() if ckpt_predicate is None or ckpt_predicate(c)]
+        keep = set()
+        for importance_key, max_key, min_key in criteria:
+            ranked = self.find_checkpoints(importance_key, max_key, min_key, ckpt_predicate)
+            keep.update(c.path for c in ranked[:num_to_keep])
+        for checkpoint in deletable:
+            if checkpoint.path not in keep:
+                shutil.rmtree(checkpoint.path)
+                log.log(verbosity, "deleted checkpoint %s", checkpoint.path)
+
+    def _remove_leftovers(self) -> None:
+        for entry in os.listdir(self.checkpoints_dir):
+            if entry.startswith(PREFIX + "+") and TMP_MARK in entry:
+                shutil.rmtree(os.path.join(self.checkpoints_dir, entry), ignore_errors=True)
+
+
+def _recency(checkpoint: Checkpoint) -> float:
+    return checkpoint.meta.get("unixtime", 0.0)
+
+
+def _importance(importance_key, max_key, min_key):
+    given = [k for k in (importance_key, max_key, min_key) if k is not None]
+    if len(given) > 1:
+        raise ValueError("give at most one of importance_key, max_key, min_key")
+    if max_key is not None:
+        return lambda c: c.meta[max_key]
+    if min_key is not None:
+        return lambda c: -c.meta[min_key]
+    return importance_key or _recency
+
+
+def _json_number(value):
+    # Metadata often holds 0-dim tensors (a loss); store their number.
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"checkpoint meta: cannot store a {type(value).__name__}")

@@ -1,0 +1,143 @@
+"""The SpeechBrain-style Checkpointer: folder layout, keep-only, best-by-key, damaged checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import yaml
+
+from fbrain import checkpoint
+from fbrain.checkpoint import Checkpointer, mark_as_loader, mark_as_saver
+
+
+class Counter:
+    def __init__(self):
+        self.value = 0
+        self.loaded_end_of_epoch = None
+
+    @mark_as_saver
+    def _save(self, path):
+        checkpoint.save(path, {"value": self.value})
+
+    @mark_as_loader
+    def _load(self, path, end_of_epoch):
+        self.value = checkpoint.load(path)["value"]
+        self.loaded_end_of_epoch = end_of_epoch
+
+
+def make(tmp_path, **kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    counter = Counter()
+    gen = torch.Generator().manual_seed(3)
+    return Checkpointer(tmp_path / "ckpts", {"model": model, "counter": counter, "gen": gen}, **kwargs), model, counter, gen
+
+
+def test_save_writes_speechbrains_layout_and_recover_restores_everything(tmp_path):
+    ckpt, model, counter, gen = make(tmp_path)
+    counter.value = 7
+    expected_draw = torch.rand(3, generator=torch.Generator().set_state(gen.get_state()))
+    saved = ckpt.save_checkpoint(meta={"loss": torch.tensor(0.25), "epoch": 2}, end_of_epoch=False)
+    folder = os.path.basename(saved.path)
+    assert folder.startswith("CKPT+") and sorted(os.listdir(saved.path)) == [
+        "CKPT.yaml", "counter.ckpt", "gen.ckpt", "model.ckpt"]
+    with open(os.path.join(saved.path, "CKPT.yaml")) as f:
+        meta = yaml.safe_load(f)  # SpeechBrain reads it as YAML
+    assert meta["loss"] == 0.25 and meta["epoch"] == 2 and meta["end-of-epoch"] is False
+    with torch.no_grad():
+        model.weight.zero_()
+    counter.value = 0
+    torch.rand(5, generator=gen)
+    found = ckpt.recover_if_possible()
+    assert found.path == saved.path
+    assert model.weight.abs().sum() > 0 and counter.value == 7 and counter.loaded_end_of_epoch is False
+    assert torch.equal(torch.rand(3, generator=gen), expected_draw)
+
+
+def test_files_are_not_pickles(tmp_path):
+    ckpt, *_ = make(tmp_path)
+    saved = ckpt.save_checkpoint()
+    with pytest.raises(Exception):
+        torch.load(saved.paramfiles["model"], weights_only=True)
+    assert checkpoint.load(saved.paramfiles["model"])["weight"].shape == (2, 3)
+
+
+def test_keep_only_best_and_recent_and_find_by_keys(tmp_path):
+    ckpt, model, counter, _ = make(tmp_path)
+    for epoch, (loss, stoi) in enumerate([(3.0, 0.5), (1.0, 0.7), (2.0, 0.9), (4.0, 0.6)]):
+        counter.value = epoch
+        ckpt.save_and_keep_only(meta={"loss": loss, "stoi": stoi, "epoch": epoch}, min_keys=["loss"],
+                                max_keys=["stoi"], num_to_keep=1)
+    kept = sorted(c.meta["epoch"] for c in ckpt.list_checkpoints())
+    assert kept == [1, 2, 3]  # best loss, best stoi, most recent
+    assert ckpt.find_checkpoint(min_key="loss").meta["epoch"] == 1
+    assert ckpt.find_checkpoint(max_key="stoi").meta["epoch"] == 2
+    assert ckpt.find_checkpoint().meta["epoch"] == 3
+    ckpt.recover_if_possible(min_key="loss")
+    assert counter.value == 1
+    with pytest.raises(ValueError, match="at most one"):
+        ckpt.find_checkpoint(min_key="loss", max_key="stoi")
+
+
+def test_leftovers_of_an_interrupted_save_are_ignored_and_cleaned(tmp_path):
+    ckpt, model, counter, _ = make(tmp_path)
+    good = ckpt.save_checkpoint(meta={"n": 1})
+    leftover = os.path.join(ckpt.checkpoints_dir, "CKPT+2099-01-01+00-00-00+00.incomplete-abc")
+    os.makedirs(leftover)
+    with open(os.path.join(leftover, "model.ckpt"), "wb") as f:
+        f.write(b"half")
+    assert [c.path for c in ckpt.list_checkpoints()] == [good.path]
+    assert ckpt.recover_if_possible().path == good.path
+    ckpt.save_checkpoint(meta={"n": 2})
+    assert not os.path.exists(leftover)
+
+
+def test_a_failing_recoverable_leaves_no_checkpoint(tmp_path):
+    ckpt, *_ = make(tmp_path)
+
+    def boom(obj, path):
+        raise OSError("disk full")
+
+    ckpt.add_recoverable("bad", object(), custom_save_hook=boom)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint()
+    assert ckpt.list_checkpoints() == [] and os.listdir(ckpt.checkpoints_dir) == []
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path):
+    ckpt, model, counter, _ = make(tmp_path)
+    counter.value = 1
+    older = ckpt.save_checkpoint(meta={"n": 1})
+    counter.value = 2
+    newer = ckpt.save_checkpoint(meta={"n": 2})
+    path = newer.paramfiles["counter"]
+    data = bytearray(open(path, "rb").read())
+    data[-30] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    counter.value = 0
+    with pytest.warns(UserWarning, match=r"counter.ckpt.*corrupted"):
+        found = ckpt.recover_if_possible()
+    assert found.path == older.path and counter.value == 1
+
+
+def test_partial_load_and_missing_files(tmp_path):
+    ckpt, model, *_ = make(tmp_path)
+    ckpt.save_checkpoint()
+    bigger = Checkpointer(ckpt.checkpoints_dir, {"model": model, "extra": torch.nn.Linear(1, 1)})
+    with pytest.warns(UserWarning, match="no file for recoverable 'extra'"):
+        assert bigger.recover_if_possible() is None
+    partial = Checkpointer(ckpt.checkpoints_dir, {"model": model, "extra": torch.nn.Linear(1, 1)},
+                           allow_partial_load=True)
+    assert partial.recover_if_possible() is not None
+
+
+def test_bad_recoverables_are_named(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    with pytest.raises(ValueError, match="already registered"):
+        ckpt.add_recoverable("a", torch.nn.Linear(1, 1))
+        ckpt.add_recoverable("a", torch.nn.Linear(1, 1))
+    ckpt.add_recoverable("thing", object())
+    with pytest.raises(TypeError, match="cannot checkpoint a object"):
+        ckpt.save_checkpoint()
