@@ -28,6 +28,10 @@ from fbrain.step import (
     micro_batches,
     stack_micro_batches,
 )
+from fbrain.brain import Brain, EpochCounter, Stage, create_experiment_directory, parse_arguments
+from fbrain.data import PaddedBatch, PaddedData
+from fbrain.metrics import MetricStats
+from fbrain.train_logger import FileTrainLogger
 
 __version__ = "0.1.0"
 
@@ -36,4 +40,6 @@ __all__ = [
     "apply_module", "ensemble_step", "make_eval_step", "make_train_step", "micro_batches",
     "optim", "per_example_grads", "rng", "stack_micro_batches", "stack_states", "tree",
     "unstack_states",
+    "Brain", "EpochCounter", "FileTrainLogger", "MetricStats", "PaddedBatch", "PaddedData", "Stage",
+    "create_experiment_directory", "parse_arguments",
 ]

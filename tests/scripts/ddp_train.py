@@ -43,4 +43,5 @@ for _ in range(2):  # epochs
         state, metrics = step(state, mine)
         losses.append(float(metrics["loss"]))
 torch.save({"params": state.params, "losses": losses}, os.path.join(out_dir, f"rank{rank}.pt"))
+dist.barrier()
 dist.destroy_process_group()

@@ -1,0 +1,581 @@
+"""``Brain``: SpeechBrain's training loop as a thin stateful shell over the pure steps.
+
+The Brain holds one :class:`~fbrain.TrainState` (``brain.state``), runs SpeechBrain's hooks, and
+trains with :func:`~fbrain.make_train_step` / :func:`~fbrain.make_eval_step`. Porting a recipe
+means changing its import to ``import fbrain as sb``.
+
+* The default ``fit_batch`` runs the pure train step; its loss function swaps the state's
+  parameters and buffers into ``self.modules`` for the duration of ``compute_forward`` +
+  ``compute_objectives``.
+* After every step the modules' parameters are rebound to the new state's tensors (no copy), so
+  code that reads ``self.modules`` sees the current weights, and an imperative ``fit_batch``
+  (``loss.backward()``, ``self.optimizer.step()``) works through :mod:`fbrain.brain.views`.
+* The running loss stays on the device; it is read on the host only when the progress bar is
+  refreshed (at most a few times a second), a hook reads ``avg_train_loss``, or a stage ends.
+
+Example::
+
+    >>> import torch
+    >>> import fbrain as sb
+    >>> class SimpleBrain(sb.Brain):
+    ...     def compute_forward(self, batch, stage):
+    ...         return self.modules.model(batch[0] * self.hparams.scalar)
+    ...     def compute_objectives(self, predictions, batch, stage):
+    ...         return torch.nn.functional.l1_loss(predictions, batch[0])
+    >>> brain = SimpleBrain({"model": torch.nn.Linear(10, 10)}, opt_class=lambda x: torch.optim.SGD(x, lr=0.1),
+    ...                     hparams={"scalar": 5}, run_opts={"noprogressbar": True})
+    >>> brain.fit(range(1), ([torch.rand(10, 10), torch.rand(10, 10)],))
+    >>> int(brain.state.counters.optimizer_step)
+    1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from types import SimpleNamespace
+from typing import Any, Mapping
+
+import torch
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from fbrain import data as _data
+from fbrain import optim
+from fbrain import rng as _rng
+from fbrain.brain.binding import Binding
+from fbrain.brain.contexts import PrecisionContext
+from fbrain.brain.optimizers import OptimizerLayout, apply_grads, twin_of_group
+from fbrain.brain.run_options import resolve_run_options
+from fbrain.brain.running_mean import RunningMean
+from fbrain.brain.stage import Stage
+from fbrain.brain.views import OptimizerView, ScalerView
+from fbrain.loss_scale import DynamicLossScale
+from fbrain.optim.base import GradientTransformation
+from fbrain.optim.hyperparams import set_hyperparams
+from fbrain.state import TrainState
+from fbrain.step import check_state, make_eval_step, make_train_step, stack_micro_batches
+
+logger = logging.getLogger(__name__)
+
+_OUTPUTS = "fbrain.brain.outputs"  # aux key carrying compute_forward's outputs out of the step
+_REPORT_SECONDS = 0.5  # how often the running loss and the non-finite count are read on the host
+
+
+class Brain:
+    """SpeechBrain's ``Brain`` API over a :class:`~fbrain.TrainState`.
+
+    Args:
+        modules: ``{name: torch.nn.Module}``; a ``torch.nn.ModuleDict`` on the device (``self.modules.model``).
+        opt_class: a callable ``params -> torch.optim.Optimizer`` (SGD, Adam, AdamW or RMSprop, which
+            have functional twins), or an :mod:`fbrain.optim` transformation.
+        hparams: a dict, available as ``self.hparams`` (a SimpleNamespace). Entries named like run
+            options set them unless ``run_opts`` does.
+        run_opts: run options (see :mod:`fbrain.brain.run_options`); they win over hparams.
+        checkpointer: anything with ``recover_if_possible()``; called when fitting starts.
+    """
+
+    def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
+        if hparams is not None and not isinstance(hparams, Mapping):
+            raise TypeError(f"hparams: expected a dict, got {type(hparams).__name__}")
+        for name, value in resolve_run_options(run_opts, hparams).items():
+            setattr(self, name, value)
+        self.device = str(self.device)
+        self.device_type = self.device.split(":")[0]
+        if self.device_type == "cuda":
+            torch.cuda.set_device(torch.device(self.device))
+        if opt_class is not None and not isinstance(opt_class, GradientTransformation):
+            optim.from_torch(opt_class)  # fails now, naming opt_class, rather than when fit starts
+        self.opt_class = opt_class
+        self.checkpointer = checkpointer
+        self.modules = torch.nn.ModuleDict(modules or {}).to(self.device)
+        self.raw_modules = self.modules
+        if hparams is not None:
+            self.hparams = SimpleNamespace(**hparams)
+        seed = (hparams or {}).get("seed", 0)
+        # The Brain's own random stream (data order, dropout via state.rng): never the global RNG.
+        self.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+        self.distributed_launch = os.environ.get("RANK") is not None and os.environ.get("LOCAL_RANK") is not None
+
+        self.optimizer = None
+        self.optimizers_dict = None
+        self.train_sampler = None
+        self.step = 0
+        self.optimizer_step = 0
+        self.training_ctx = PrecisionContext(self.precision, self.device_type)
+        self.evaluation_ctx = PrecisionContext(self.eval_precision, self.device_type)
+        self._loss_scale = DynamicLossScale()
+        self.scaler = ScalerView(self, enabled=self.precision == "fp16")
+        if not self.tqdm_colored_bar:
+            self.tqdm_barcolor = dict.fromkeys(self.tqdm_barcolor, None)
+
+        self._binding = Binding(self.modules)
+        self._state: TrainState | None = None
+        self._layout: OptimizerLayout | None = None
+        self._train_steps: dict = {}
+        self._eval_step = None
+        self._eval_stage = Stage.VALID
+        self._pending: list = []
+        self._loss_weight = 1
+        self._train_loss = RunningMean()
+        self._nonfinite_base = None
+        self._nonfinite_extra = 0
+        self.print_trainable_parameters()
+
+    # -- the state ---------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> TrainState:
+        """The current TrainState (None until fitting or evaluation starts)."""
+        return self._state
+
+    @state.setter
+    def state(self, new: TrainState) -> None:
+        if not isinstance(new, TrainState):
+            raise TypeError(f"Brain.state: expected an fbrain.TrainState, got {type(new).__name__}")
+        self._state = new
+        self._binding.bind(new.params, new.buffers)
+
+    def _install_layout(self, layout: OptimizerLayout) -> None:
+        """Use ``layout`` from now on: a fresh optimizer state (as SpeechBrain's fresh optimizers)."""
+        self._layout = layout
+        tx = layout.transformation()
+        if self._state is None:
+            self.state = TrainState.create(self.modules, tx, seed=self.seed, loss_scale=self._loss_scale)
+        else:
+            self.state = self._state.replace(opt_state=tx.init(self._state.params))
+        self._train_steps.clear()
+
+    def _ensure_state(self) -> None:
+        """A state and optimizer views even if an overridden hook skipped the defaults."""
+        unadopted = [o for o in self._optimizer_objects().values() if not isinstance(o, OptimizerView)]
+        if self._layout is None or unadopted:
+            self._adopt_optimizers()
+
+    def _set_hyperparams(self, label: str, **values) -> None:
+        layout = self._layout
+        sub = set_hyperparams(layout.sub_state(self.state.opt_state, label), **values)
+        self.state = self.state.replace(opt_state=layout.with_sub_state(self.state.opt_state, label, sub))
+
+    # -- optimizers --------------------------------------------------------------------------------
+
+    def init_optimizers(self):
+        """Create the optimizer from ``opt_class`` (override to create several, SpeechBrain-style)."""
+        if self.opt_class is None:
+            logger.info("No opt_class was given to this Brain: no optimizer is initialised")
+            return
+        if isinstance(self.opt_class, GradientTransformation):
+            self.optimizer = self.opt_class
+        else:
+            self.optimizer = self.opt_class(self.modules.parameters())
+        self.optimizers_dict = {"opt_class": self.optimizer}
+
+    def _optimizer_objects(self) -> dict:
+        if self.optimizers_dict is not None:
+            return dict(self.optimizers_dict)
+        return {} if self.optimizer is None else {"optimizer": self.optimizer}
+
+    def _adopt_optimizers(self) -> None:
+        """Turn the optimizers ``init_optimizers`` made into one layout and views over the state."""
+        names = {id(p): n for n, p in self.modules.named_parameters()}
+        groups, specs = {}, {}
+        for key, opt in self._optimizer_objects().items():
+            if isinstance(opt, GradientTransformation):
+                named = [(n, p) for n, p in self.modules.named_parameters()]
+                groups[key] = (opt, [n for n, p in named if p.requires_grad])
+                specs[key] = [(key, named, {})]
+                continue
+            if not isinstance(opt, torch.optim.Optimizer) or isinstance(opt, OptimizerView):
+                raise TypeError(
+                    f"optimizers_dict[{key!r}]: expected a torch.optim.Optimizer made by init_optimizers, "
+                    f"got {type(opt).__name__}"
+                )
+            specs[key] = []
+            for i, group in enumerate(opt.param_groups):
+                label = key if len(opt.param_groups) == 1 else f"{key}[{i}]"
+                named = []
+                for p in group["params"]:
+                    if id(p) not in names:
+                        raise ValueError(
+                            f"optimizer {key!r}: it optimizes a parameter of shape {tuple(p.shape)} that is not "
+                            "in self.modules; every optimized parameter must belong to a module in `modules`"
+                        )
+                    named.append((names[id(p)], p))
+                groups[label] = (twin_of_group(opt, group), [n for n, p in named if p.requires_grad])
+                extras = {k: v for k, v in group.items() if k != "params"}
+                specs[key].append((label, named, extras))
+        self._install_layout(OptimizerLayout(groups, [n for n, _ in self.modules.named_parameters()]))
+        old = self._optimizer_objects()
+        for key, spec in specs.items():
+            view = OptimizerView(self, spec)
+            if self.optimizers_dict is not None:
+                self.optimizers_dict[key] = view
+            # Attributes that held the torch optimizer (self.optimizer, self.g_optimizer ...) get the view.
+            for attr, value in list(vars(self).items()):
+                if value is old[key]:
+                    setattr(self, attr, view)
+
+    def _apply_grads(self, labels, grads, found_inf=None) -> None:
+        """Used by the optimizer views: one functional update of ``labels`` from ``.grad`` tensors."""
+        self.state = apply_grads(self._layout, self.state, labels, grads, found_inf)
+
+    def freeze_optimizers(self, optimizers):
+        """The optimizers to step this time (override to freeze some); returns them all by default."""
+        return optimizers
+
+    def zero_grad(self, set_to_none=False):
+        for opt in self._optimizer_objects().values():
+            if isinstance(opt, torch.optim.Optimizer):
+                opt.zero_grad(set_to_none=set_to_none)
+
+    def optimizers_step(self):
+        """Unscale, clip (every parameter of every optimizer together) and step, for imperative recipes."""
+        if self.optimizers_dict is not None:
+            valid = self.freeze_optimizers(self.optimizers_dict)
+        elif self.optimizer is not None:
+            valid = {"optimizer": self.optimizer}
+        else:
+            return
+        for opt in valid.values():
+            self.scaler.unscale_(opt)
+        if self.max_grad_norm is not None and self.max_grad_norm > 0:
+            params = [p for opt in valid.values() for g in opt.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        for opt in valid.values():
+            self.scaler.step(opt)
+        self.scaler.update()
+        for opt in valid.values():
+            opt.zero_grad(set_to_none=True)
+        self.optimizer_step += 1
+
+    # -- hooks to override -------------------------------------------------------------------------
+
+    def compute_forward(self, batch, stage):
+        raise NotImplementedError(
+            f"{type(self).__name__}.compute_forward is not overridden: subclass fbrain.Brain and define "
+            "compute_forward(self, batch, stage) returning the predictions"
+        )
+
+    def compute_objectives(self, predictions, batch, stage):
+        raise NotImplementedError(
+            f"{type(self).__name__}.compute_objectives is not overridden: subclass fbrain.Brain and define "
+            "compute_objectives(self, predictions, batch, stage) returning the loss"
+        )
+
+    def on_stage_start(self, stage, epoch=None):
+        pass
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        pass
+
+    def on_fit_batch_start(self, batch, should_step):
+        pass
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        pass
+
+    def on_fit_start(self):
+        """Check the unsupported options, create the optimizers and state, recover a checkpoint."""
+        self._compile()
+        self._wrap_distributed()
+        self.init_optimizers()
+        self._adopt_optimizers()
+        if self.checkpointer is not None and hasattr(self.checkpointer, "recover_if_possible"):
+            self.checkpointer.recover_if_possible()
+
+    def on_evaluate_start(self, max_key=None, min_key=None):
+        if self.checkpointer is not None and hasattr(self.checkpointer, "recover_if_possible"):
+            self.checkpointer.recover_if_possible(max_key=max_key, min_key=min_key)
+
+    def _compile(self):
+        if self.compile or self.jit:
+            raise NotImplementedError(
+                "run option compile/jit: fbrain.Brain does not compile modules; compile the pure step "
+                "instead (fbrain.make_train_step(...).compile())"
+            )
+
+    def _wrap_distributed(self):
+        if self.data_parallel_backend or self.distributed_launch:
+            raise NotImplementedError(
+                "fbrain.Brain does not wrap modules in DataParallel/DistributedDataParallel yet "
+                "(run option data_parallel_backend, or a torchrun launch)"
+            )
+
+    # -- the default batch functions: the pure steps ----------------------------------------------
+
+    def _train_loss_fn(self, params, buffers, batch, rng):
+        # BatchNorm updates its running statistics in place: give it private copies, return them.
+        private = {n: b.clone() for n, b in buffers.items()}
+        with _reparametrize_module(self.modules, {**params, **private}, tie_weights=True):
+            outputs = self.compute_forward(batch, Stage.TRAIN)
+            loss = self.compute_objectives(outputs, batch, Stage.TRAIN)
+        return loss, {"buffers": private, _OUTPUTS: outputs}
+
+    def _eval_loss_fn(self, params, buffers, batch, rng):
+        with _reparametrize_module(self.modules, {**params, **buffers}, tie_weights=True):
+            outputs = self.compute_forward(batch, self._eval_stage)
+            loss = self.compute_objectives(outputs, batch, self._eval_stage)
+        return loss
+
+    def _train_step_for(self, count: int):
+        active = None
+        if type(self).freeze_optimizers is not Brain.freeze_optimizers and self.optimizers_dict:
+            chosen = self.freeze_optimizers(self.optimizers_dict)
+            active = frozenset(label for opt in chosen.values() for label in opt._labels)
+        key = (count, active)
+        if key not in self._train_steps:
+            check_state(self.state)
+            self._train_steps[key] = make_train_step(
+                self._train_loss_fn, self._layout.transformation(active), max_grad_norm=self.max_grad_norm,
+                precision=self.precision, accumulation=count, loss_scale=self._loss_scale)
+        return self._train_steps[key]
+
+    def _run_train_step(self, batches: list):
+        """One pure step on ``batches`` (micro-batches when more than one); returns (loss, outputs)."""
+        step = self._train_step_for(len(batches))
+        batch = batches[0] if len(batches) == 1 else stack_micro_batches(batches)
+        state = self.state
+        cuda = (torch.device(self.device),) if self.device_type == "cuda" else ()
+        # The unchecked step under the state's RNG: the batch structure may vary (a shorter last
+        # batch has a shorter list of ids), which the checked entry point would reject.
+        with _rng.scope(state.rng, cuda) as out:
+            new_state, metrics = step.pure(state, batch, use_func=False)
+        self.state = new_state.replace(rng=out.key)
+        self.optimizer_step += 1
+        self._loss_weight = len(batches)
+        return metrics["loss"], metrics.get(_OUTPUTS)
+
+    def fit_batch(self, batch):
+        """Train on one batch with the pure train step; returns the (device) loss.
+
+        With ``grad_accumulation_factor`` k, batches are collected and every k-th one runs a step
+        on all k; the others return None. Left-over batches are applied when the epoch ends.
+        """
+        k = self.grad_accumulation_factor
+        should_step = self.step % k == 0
+        self.on_fit_batch_start(batch, should_step)
+        if k == 1:
+            loss, outputs = self._run_train_step([batch])
+        else:
+            self._pending.append(batch)
+            loss = outputs = None
+            if should_step:
+                loss, outputs = self._run_train_step(self._pending)
+                self._pending = []
+        self.on_fit_batch_end(batch, outputs, loss, should_step)
+        return loss
+
+    def _flush_pending(self) -> None:
+        """Apply micro-batches left over at the end of an epoch (SpeechBrain drops them)."""
+        if self._pending:
+            loss, _ = self._run_train_step(self._pending)
+            self._pending = []
+            self._record_train_loss(loss)
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch, stage):
+        """The loss of one batch with the pure eval step (``eval_precision``)."""
+        if self._eval_step is None:
+            self._eval_step = make_eval_step(self._eval_loss_fn, precision=self.eval_precision)
+        self._eval_stage = stage
+        return self._eval_step(self.state, batch)["loss"].detach()
+
+    # -- SpeechBrain's checks, for imperative recipes ----------------------------------------------
+
+    @property
+    def nonfinite_count(self) -> int:
+        """Non-finite steps this epoch: those the steps skipped plus what a recipe added itself."""
+        if self._state is None or self._nonfinite_base is None:
+            return self._nonfinite_extra
+        return self._nonfinite_extra + int(self._state.counters.nonfinite_count - self._nonfinite_base)
+
+    @nonfinite_count.setter
+    def nonfinite_count(self, value: int) -> None:
+        self._nonfinite_extra = 0
+        self._nonfinite_extra = int(value) - self.nonfinite_count
+
+    def check_loss_isfinite(self, loss):
+        """SpeechBrain's check (reads the loss on the host): count a non-finite loss, raise past patience."""
+        if not torch.isfinite(loss).all():
+            self.nonfinite_count += 1
+            self._raise_if_patience_exhausted()
+
+    def _raise_if_patience_exhausted(self) -> None:
+        if self.nonfinite_count > self.nonfinite_patience:
+            raise ValueError(
+                f"Loss or gradients were not finite in {self.nonfinite_count} steps this epoch, more than "
+                f"nonfinite_patience={self.nonfinite_patience} (those steps were skipped). To debug, wrap fit() "
+                "in torch.autograd.detect_anomaly()"
+            )
+
+    def check_gradients(self):
+        """Set non-finite gradients to None (SpeechBrain's ``skip_nonfinite_grads``; reads on the host)."""
+        for name, param in self.modules.named_parameters():
+            if param.requires_grad and param.grad is not None and not torch.isfinite(param.grad).all():
+                param.grad = None
+                logger.warning("Gradients of %s contain NaN or Inf; setting them to None", name)
+
+    @contextlib.contextmanager
+    def no_sync(self, use=True):
+        """DDP's no_sync over all modules (a no-op without DDP)."""
+        yield
+
+    def update_average(self, loss, avg_loss):
+        """SpeechBrain's running average (a host read per call); only called when overridden."""
+        if torch.isfinite(loss):
+            avg_loss -= avg_loss / self.step
+            avg_loss += float(loss) / self.step
+        return avg_loss
+
+    # -- losses ------------------------------------------------------------------------------------
+
+    @property
+    def avg_train_loss(self) -> float:
+        """The mean training loss of this epoch so far (one host read)."""
+        return self._train_loss.value()
+
+    @avg_train_loss.setter
+    def avg_train_loss(self, value: float) -> None:
+        self._train_loss.reset(value)
+
+    def _custom_average(self) -> bool:
+        return type(self).update_average is not Brain.update_average
+
+    def _record_train_loss(self, loss) -> None:
+        if self._custom_average():
+            if loss is not None:
+                self.avg_train_loss = self.update_average(loss, self.avg_train_loss)
+            return
+        self._train_loss.add(loss, self._loss_weight)
+        self._loss_weight = 1
+
+    # -- data --------------------------------------------------------------------------------------
+
+    def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        """A DataLoader with SpeechBrain's semantics; shuffling draws from the Brain's seeded generator."""
+        loader, sampler = _data.make_dataloader(dataset, train=stage == Stage.TRAIN, seed=self.seed,
+                                                **loader_kwargs)
+        if stage == Stage.TRAIN and sampler is not None:
+            self.train_sampler = sampler
+        return loader
+
+    # -- the loops ---------------------------------------------------------------------------------
+
+    def fit(self, epoch_counter, train_set, valid_set=None, progressbar=None, train_loader_kwargs={},
+            valid_loader_kwargs={}):
+        """Train for each epoch of ``epoch_counter`` on ``train_set``, validating on ``valid_set``."""
+        if self.test_only:
+            logger.info("Test only mode: skipping training and validation")
+            return
+        if not isinstance(train_set, DataLoader):
+            train_set = self.make_dataloader(train_set, stage=Stage.TRAIN, **dict(train_loader_kwargs))
+        if valid_set is not None and not isinstance(valid_set, DataLoader):
+            valid_set = self.make_dataloader(valid_set, stage=Stage.VALID, ckpt_prefix=None,
+                                             **dict(valid_loader_kwargs))
+        self.on_fit_start()
+        self._ensure_state()
+        enable = (not self.noprogressbar) if progressbar is None else bool(progressbar)
+        for epoch in epoch_counter:
+            self._fit_train(train_set, epoch, enable)
+            self._fit_valid(valid_set, epoch, enable)
+            if (self.debug and epoch == self.debug_epochs) or self._optimizer_step_limit_exceeded:
+                break
+
+    @property
+    def _optimizer_step_limit_exceeded(self) -> bool:
+        return self.optimizer_step_limit is not None and self.optimizer_step >= self.optimizer_step_limit
+
+    def _start_epoch(self, epoch) -> None:
+        c = self.state.counters
+        epoch_value = epoch if isinstance(epoch, int) else 0
+        self.state = self.state.replace(counters=c._replace(epoch=torch.full_like(c.epoch, epoch_value)))
+        self._nonfinite_base = self.state.counters.nonfinite_count.clone()
+        self._nonfinite_extra = 0
+        if self.train_sampler is not None and hasattr(self.train_sampler, "set_epoch"):
+            self.train_sampler.set_epoch(epoch)
+
+    def _report(self, bar, stage_loss: RunningMean | None, refresh: bool = False) -> None:
+        """The only host reads of a stage: the running loss for the bar and the non-finite count."""
+        if stage_loss is not None and not bar.disable:
+            bar.set_postfix(train_loss=stage_loss.value(), refresh=refresh)
+        self._raise_if_patience_exhausted()
+
+    def _fit_train(self, train_set, epoch, enable):
+        self.on_stage_start(Stage.TRAIN, epoch)
+        self.modules.train()
+        self.zero_grad()
+        self._start_epoch(epoch)
+        self._pending = []
+        shown = None if self._custom_average() else self._train_loss
+        last_report = time.monotonic()
+        with tqdm(train_set, initial=self.step, dynamic_ncols=True, disable=not enable,
+                  colour=self.tqdm_barcolor["train"]) as bar:
+            for batch in bar:
+                if self._optimizer_step_limit_exceeded:
+                    logger.info("Train iteration limit exceeded")
+                    break
+                self.step += 1
+                self._loss_weight = 1
+                loss = self.fit_batch(batch)
+                self._record_train_loss(loss)
+                if time.monotonic() - last_report >= _REPORT_SECONDS:
+                    self._report(bar, shown)
+                    last_report = time.monotonic()
+                if self.debug and self.step == self.debug_batches:
+                    break
+            self._flush_pending()
+            self._report(bar, shown, refresh=True)
+        self.zero_grad(set_to_none=True)
+        self.on_stage_end(Stage.TRAIN, self.avg_train_loss, epoch)
+        self.avg_train_loss = 0.0
+        self.step = 0
+
+    def _eval_loop(self, dataset, stage, enable) -> float:
+        mean, custom, avg = RunningMean(), self._custom_average(), 0.0
+        with torch.no_grad():
+            for batch in tqdm(dataset, dynamic_ncols=True, disable=not enable,
+                              colour=self.tqdm_barcolor["valid" if stage == Stage.VALID else "test"]):
+                self.step += 1
+                loss = self.evaluate_batch(batch, stage=stage)
+                if custom:
+                    avg = self.update_average(loss, avg)
+                else:
+                    mean.add(loss)
+                if self.debug and self.step == self.debug_batches:
+                    break
+        self.step = 0
+        return avg if custom else mean.value()
+
+    def _fit_valid(self, valid_set, epoch, enable):
+        if valid_set is None:
+            return
+        self.on_stage_start(Stage.VALID, epoch)
+        self.modules.eval()
+        avg_valid_loss = self._eval_loop(valid_set, Stage.VALID, enable)
+        with torch.no_grad():
+            self.on_stage_end(Stage.VALID, avg_valid_loss, epoch)
+
+    def evaluate(self, test_set, max_key=None, min_key=None, progressbar=None, test_loader_kwargs={}):
+        """The average loss on ``test_set`` (after ``on_evaluate_start`` recovers the best checkpoint)."""
+        enable = (not self.noprogressbar) if progressbar is None else bool(progressbar)
+        if not isinstance(test_set, DataLoader):
+            kwargs = {**test_loader_kwargs, "ckpt_prefix": None}
+            test_set = self.make_dataloader(test_set, Stage.TEST, **kwargs)
+        self.on_evaluate_start(max_key=max_key, min_key=min_key)
+        if self._state is None:
+            self._install_layout(OptimizerLayout({}, [n for n, _ in self.modules.named_parameters()]))
+        self.on_stage_start(Stage.TEST, epoch=None)
+        self.modules.eval()
+        avg_test_loss = self._eval_loop(test_set, Stage.TEST, enable)
+        with torch.no_grad():
+            self.on_stage_end(Stage.TEST, avg_test_loss, None)
+        return avg_test_loss
+
+    def print_trainable_parameters(self):
+        total = sum(p.numel() for p in self.modules.parameters())
+        trainable = sum(p.numel() for p in self.modules.parameters() if p.requires_grad)
+        share = 100.0 * trainable / total if total else 0.0
+        logger.info("%s: %d trainable parameters of %d (%.2f%%)", type(self).__name__, trainable, total, share)
