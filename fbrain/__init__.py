@@ -25,6 +25,7 @@ from fbrain.step import (
     TrainStep,
     make_eval_step,
     make_train_step,
+    MicroBatches,
     micro_batches,
     stack_micro_batches,
 )
@@ -37,7 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Counters", "DynamicLossScale", "EvalStep", "distributed", "functional", "LossScaleState", "TrainState", "TrainStep",
-    "apply_module", "ensemble_step", "make_eval_step", "make_train_step", "micro_batches",
+    "MicroBatches", "apply_module", "ensemble_step", "make_eval_step", "make_train_step", "micro_batches",
     "optim", "per_example_grads", "rng", "stack_micro_batches", "stack_states", "tree",
     "unstack_states",
     "Brain", "EpochCounter", "FileTrainLogger", "MetricStats", "PaddedBatch", "PaddedData", "Stage",

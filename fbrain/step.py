@@ -32,6 +32,7 @@ import functools
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 
 from fbrain import rng as _rng
 from fbrain.distributed import mean_across_ranks
@@ -42,7 +43,7 @@ from fbrain.optim.base import GradientTransformation, apply_updates, frozen_name
 from fbrain.optim.clipping import clip_grads_by_global_norm, global_norm
 from fbrain.precision import autocast, autocast_dtype
 from fbrain.state import Counters, TrainState
-from fbrain.tree import select, tree_flatten, tree_leaves, tree_map
+from fbrain.tree import select, tree_leaves, tree_map
 
 
 def _device_of(state: TrainState) -> torch.device:
@@ -66,8 +67,39 @@ def check_state(state: Any) -> None:
             raise TypeError(f"params[{name!r}]: expected a floating-point tensor, got {what}")
 
 
+class MicroBatches:
+    """``k`` micro-batches kept apart, for ``accumulation=k`` when they cannot be stacked
+    (padded batches of different lengths). A pytree node, so steps see the tensors inside.
+
+    Example::
+
+        step = fbrain.make_train_step(loss_fn, opt, accumulation=2)
+        state, metrics = step(state, fbrain.MicroBatches([batch_a, batch_b]))
+    """
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("MicroBatches: expected at least one batch")
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __repr__(self) -> str:
+        return f"MicroBatches({len(self.batches)} batches)"
+
+
+pytree.register_pytree_node(MicroBatches, lambda m: (m.batches, None), lambda children, _: MicroBatches(children),
+                            serialized_type_name="fbrain.MicroBatches")
+
+
 def micro_batches(batch: Any, count: int) -> list[Any]:
-    """Split every tensor of ``batch`` along its leading axis of size ``count``."""
+    """The ``count`` micro-batches of ``batch``: a :class:`MicroBatches`, or tensors stacked along
+    a leading axis of size ``count`` (split here)."""
+    if isinstance(batch, MicroBatches):
+        if len(batch) != count:
+            raise ValueError(f"batch: accumulation={count} expects {count} micro-batches, got {len(batch)}")
+        return batch.batches
     if count == 1:
         return [batch]
     for leaf in tree_leaves(batch):
@@ -75,7 +107,7 @@ def micro_batches(batch: Any, count: int) -> list[Any]:
             raise ValueError(
                 f"batch: accumulation={count} expects every tensor to have a leading micro-batch "
                 f"axis of size {count}, got a tensor of shape {tuple(leaf.shape)} "
-                "(build one with fbrain.stack_micro_batches)"
+                "(build one with fbrain.stack_micro_batches, or pass fbrain.MicroBatches([...]))"
             )
     return [tree_map(lambda x, i=i: x[i] if isinstance(x, torch.Tensor) else x, batch) for i in range(count)]
 
@@ -87,6 +119,25 @@ def stack_micro_batches(batches: list[Any]) -> Any:
     return tree_map(
         lambda *xs: torch.stack(xs) if isinstance(xs[0], torch.Tensor) else xs[0], *batches
     )
+
+
+def structure(batch: Any) -> Any:
+    """What must stay the same from one batch to the next: where the tensors are.
+
+    Sizes do not count, nor do plain values (a shorter last batch has fewer ids): a sequence
+    holding no tensor is one opaque value.
+    """
+    if isinstance(batch, torch.Tensor):
+        return "tensor"
+    node = pytree._get_node_type(batch)
+    if node not in pytree.SUPPORTED_NODES:
+        return None
+    children, _ = pytree.SUPPORTED_NODES[node].flatten_fn(batch)
+    inner = tuple(structure(c) for c in children)
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields") and all(s is None for s in inner):
+        return None
+    keys = tuple(batch) if isinstance(batch, dict) else None
+    return (node.__qualname__, keys, inner)
 
 
 class TrainStep:
@@ -158,12 +209,12 @@ class TrainStep:
 
     def _check(self, state, batch) -> None:
         check_state(state)
-        spec = tree_flatten(batch)[1]
+        spec = structure(batch)
         if self._batch_spec is None:
             self._batch_spec = spec
         elif spec != self._batch_spec:
             raise TypeError(
-                f"batch: its structure differs from the first batch this step saw.\n"
+                f"batch: its layout of tensors differs from the first batch this step saw.\n"
                 f"  expected: {self._batch_spec}\n  got:      {spec}"
             )
 

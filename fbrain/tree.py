@@ -61,6 +61,10 @@ def select(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:
     host synchronisation happens. A leaf that is the same object in both trees
     is kept without a copy; non-tensor leaves must be equal in both trees.
     """
+    if type(on_true) is dict and type(on_false) is dict and on_true.keys() == on_false.keys():
+        # The common case (params, buffers): a flat dict, without the pytree machinery.
+        if all(isinstance(v, torch.Tensor) for v in on_true.values()):
+            return {k: v if v is on_false[k] else torch.where(pred, v, on_false[k]) for k, v in on_true.items()}
     true_leaves, spec = tree_flatten(on_true)
     false_leaves = tree_leaves(on_false)
     if len(true_leaves) != len(false_leaves):

@@ -447,3 +447,26 @@ def test_dynamic_item_dataset_gets_padded_batch_without_importing_speechbrain():
     loader = brain.make_dataloader(DynamicItemDataset(), sb.Stage.TRAIN, batch_size=2)
     batch = next(iter(loader))
     assert isinstance(batch, fbrain.PaddedBatch) and batch.sig.data.shape == (2, 2)
+
+
+def test_accumulation_of_padded_batches_of_different_lengths():
+    class Sizes(fbrain.Brain):
+        def compute_forward(self, batch, stage):
+            wavs, lens = batch.sig
+            return self.modules.model(wavs.unsqueeze(-1)).squeeze(-1)
+
+        def compute_objectives(self, predictions, batch, stage):
+            from fbrain.losses import mse_loss
+
+            return mse_loss(predictions, batch.sig.data, length=batch.sig.lengths)
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"id": f"u{i}", "sig": torch.randn(5 + 3 * i, generator=g)} for i in range(6)]
+
+    class Manifest(list):
+        fbrain_padded_batch = True
+
+    brain = Sizes({"model": torch.nn.Linear(1, 1)}, lambda p: torch.optim.SGD(p, lr=0.1),
+                  run_opts={"grad_accumulation_factor": 2, "noprogressbar": True})
+    brain.fit(range(1), Manifest(data), train_loader_kwargs={"batch_size": 1})
+    assert int(brain.state.counters.optimizer_step) == 3

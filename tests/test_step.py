@@ -349,7 +349,7 @@ def test_a_batch_of_another_structure_is_named():
     _, state, step = make()
     x, y = batches(1)[0]
     state, _ = step(state, (x, y))
-    with pytest.raises(TypeError, match="batch: its structure differs"):
+    with pytest.raises(TypeError, match="batch: its layout of tensors differs"):
         step(state, {"x": x, "y": y})
 
 
@@ -398,3 +398,33 @@ def test_call_with_swaps_tensors_around_any_function_of_the_module():
     assert int(model.norm.num_batches_tracked) == 0 and not torch.equal(model.head.weight, zeroed["head.weight"])
     with pytest.raises(KeyError, match="missing"):
         fbrain.functional.call_with(model, {}, state.buffers, lambda m: None)
+
+
+def test_micro_batches_kept_apart_equal_stacked_ones():
+    model = mlp(0)
+    opt = optim.adam(1e-2)
+    state = fbrain.TrainState.create(model, opt)
+    step = fbrain.make_train_step(regression_loss(model), opt, accumulation=2)
+    a, b = batches(2, batch_size=4)
+    stacked, _ = step(state, fbrain.stack_micro_batches([a, b]))
+    apart, _ = fbrain.make_train_step(regression_loss(model), opt, accumulation=2)(state, fbrain.MicroBatches([a, b]))
+    assert trees_equal(stacked.params, apart.params)
+    fresh = fbrain.make_train_step(regression_loss(model), opt, accumulation=2)
+    with pytest.raises(ValueError, match="expects 2 micro-batches, got 3"):
+        fresh(state, fbrain.MicroBatches([a, b, a]))
+
+
+def test_a_shorter_last_batch_with_fewer_ids_is_the_same_layout():
+    model = mlp(0)
+    opt = optim.sgd(0.1)
+    state = fbrain.TrainState.create(model, opt)
+
+    def loss_fn(params, buffers, batch, rng):
+        return regression_loss(model)(params, buffers, (batch["x"], batch["y"]), rng)
+
+    step = fbrain.make_train_step(loss_fn, opt)
+    (x, y), = batches(1)
+    state, _ = step(state, {"x": x, "y": y, "id": ["a", "b", "c"]})
+    state, _ = step(state, {"x": x[:2], "y": y[:2], "id": ["d", "e"]})
+    with pytest.raises(TypeError, match="layout of tensors differs"):
+        step(state, {"x": x, "y": y, "id": ["a"], "extra": x})

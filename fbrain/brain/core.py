@@ -45,7 +45,6 @@ from tqdm import tqdm
 
 from fbrain import data as _data
 from fbrain import optim
-from fbrain import rng as _rng
 from fbrain.brain.binding import Binding
 from fbrain.brain.contexts import PrecisionContext
 from fbrain.brain.optimizers import OptimizerLayout, apply_grads, twin_of_group
@@ -57,7 +56,7 @@ from fbrain.loss_scale import DynamicLossScale
 from fbrain.optim.base import GradientTransformation
 from fbrain.optim.hyperparams import set_hyperparams
 from fbrain.state import TrainState
-from fbrain.step import check_state, make_eval_step, make_train_step, stack_micro_batches
+from fbrain.step import MicroBatches, check_state, make_eval_step, make_train_step
 
 logger = logging.getLogger(__name__)
 
@@ -336,14 +335,9 @@ class Brain:
     def _run_train_step(self, batches: list):
         """One pure step on ``batches`` (micro-batches when more than one); returns (loss, outputs)."""
         step = self._train_step_for(len(batches))
-        batch = batches[0] if len(batches) == 1 else stack_micro_batches(batches)
-        state = self.state
-        cuda = (torch.device(self.device),) if self.device_type == "cuda" else ()
-        # The unchecked step under the state's RNG: the batch structure may vary (a shorter last
-        # batch has a shorter list of ids), which the checked entry point would reject.
-        with _rng.scope(state.rng, cuda) as out:
-            new_state, metrics = step.pure(state, batch, use_func=False)
-        self.state = new_state.replace(rng=out.key)
+        # Micro-batches stay apart: padded batches of different lengths cannot be stacked.
+        batch = batches[0] if len(batches) == 1 else MicroBatches(batches)
+        self.state, metrics = step(self.state, batch)
         self.optimizer_step += 1
         self._loss_weight = len(batches)
         return metrics["loss"], metrics.get(_OUTPUTS)

@@ -19,6 +19,7 @@ import torch
 
 from fbrain.optim import hyperparams as hp
 from fbrain.optim import _foreach as fe
+from fbrain.optim import _fused
 from fbrain.optim._foreach import decayed_gradients, ordered
 from fbrain.optim.base import GradientTransformation
 
@@ -109,24 +110,13 @@ def adam(
         return dict(zip(names, updates)), new_state
 
     def fused_apply(grads, state, params, skip, in_place=False):
-        """ATen's fused CPU Adam on private copies of the parameters and moments.
-
-        With ``in_place`` (a donated state) the kernel writes into the given tensors instead.
-
-        The kernel takes beta1, beta2, eps and weight decay as numbers. They are read from the
-        state's hyperparameter tensors, which for a CPU state live in host memory: reading them
-        waits on nothing. Any other device takes the general (multi-tensor) path.
-        """
+        """ATen's fused CPU Adam (see :mod:`fbrain.optim._fused`); None where it does not apply."""
         names, g = ordered(grads)
-        if not g:
-            return None
         h = hp.current(state.hyperparams, schedules, state.count)
-        if any(x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) for x in g) or \
-                any(v.device.type != "cpu" for v in h.values()):
+        if not _fused.serves(g, h):
             return None
-        copies = lambda tree: [tree[n] if in_place else tree[n].clone() for n in names]  # noqa: E731
-        new_p, mu, nu = copies(params), copies(state.mu), copies(state.nu)
-        nu_max = copies(state.nu_max) if amsgrad else []
+        new_p, mu, nu = (_fused.working_copies(t, names, in_place) for t in (params, state.mu, state.nu))
+        nu_max = _fused.working_copies(state.nu_max, names, in_place) if amsgrad else []
         count = state.count + 1
         kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
         kernel(new_p, list(g), mu, nu, nu_max, [count.to(g[0].dtype)] * len(g),

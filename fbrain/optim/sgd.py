@@ -19,6 +19,7 @@ import torch
 
 from fbrain.optim import hyperparams as hp
 from fbrain.optim import _foreach as fe
+from fbrain.optim import _fused
 from fbrain.optim._foreach import decayed_gradients, ordered
 from fbrain.optim.base import GradientTransformation
 
@@ -80,4 +81,24 @@ def sgd(
         updates = fe.mul(g, hp.scalar(-h["lr"], g))
         return dict(zip(names, updates)), SGDState(state.count + 1, buffers, h)
 
-    return GradientTransformation(init, update)
+    def fused_apply(grads, state, params, skip, in_place=False):
+        """ATen's fused CPU SGD (see :mod:`fbrain.optim._fused`); None where it does not apply."""
+        names, g = ordered(grads)
+        h = hp.current(state.hyperparams, schedules, state.count)
+        if not _fused.serves(g, h):
+            return None
+        new_p = _fused.working_copies(params, names, in_place)
+        buffers = _fused.working_copies(state.momentum_buffer, names, in_place) if has_momentum else []
+        torch._fused_sgd_(
+            new_p, list(g), buffers,
+            weight_decay=float(h["weight_decay"]) if has_decay else 0.0,
+            momentum=float(h["momentum"]) if has_momentum else 0.0, lr=h["lr"].to(g[0].dtype),
+            dampening=float(h["dampening"]), nesterov=nesterov, maximize=maximize,
+            # The kernel starts the momentum buffer from the first gradient itself.
+            is_first_step=has_momentum and int(state.count) == 0,
+            grad_scale=None, found_inf=skip.to(torch.float32))
+        momentum_buffer = {**state.momentum_buffer, **dict(zip(names, buffers))} if has_momentum else {}
+        new_state = SGDState(torch.where(skip, state.count, state.count + 1), momentum_buffer, h)
+        return {**params, **dict(zip(names, new_p))}, new_state
+
+    return GradientTransformation(init, update, fused_apply=fused_apply)
