@@ -45,13 +45,17 @@ from tqdm import tqdm
 
 from fbrain import data as _data
 from fbrain import optim
+from fbrain import checkpoint as _checkpoint
 from fbrain.brain.binding import Binding
+from fbrain.brain.checkpointing import (INTRA_EPOCH_FLAG, IntraEpochSchedule, brain_record,
+                                        restore_running_mean, skip_batches)
 from fbrain.brain.contexts import PrecisionContext
 from fbrain.brain.optimizers import OptimizerLayout, apply_grads, twin_of_group
 from fbrain.brain.run_options import resolve_run_options
 from fbrain.brain.running_mean import RunningMean
 from fbrain.brain.stage import Stage
 from fbrain.brain.views import OptimizerView, ScalerView
+from fbrain.checkpoint.checkpointer import mark_as_loader, mark_as_saver
 from fbrain.loss_scale import DynamicLossScale
 from fbrain.optim.base import GradientTransformation
 from fbrain.optim.hyperparams import set_hyperparams
@@ -74,7 +78,10 @@ class Brain:
         hparams: a dict, available as ``self.hparams`` (a SimpleNamespace). Entries named like run
             options set them unless ``run_opts`` does.
         run_opts: run options (see :mod:`fbrain.brain.run_options`); they win over hparams.
-        checkpointer: anything with ``recover_if_possible()``; called when fitting starts.
+        checkpointer: an :class:`fbrain.checkpoint.Checkpointer`: the Brain registers itself as the
+            recoverable ``"brain"``, recovers the newest checkpoint when fitting starts, the best one
+            when evaluating with ``max_key``/``min_key``, and saves intra-epoch checkpoints every
+            ``ckpt_interval_steps`` steps or ``ckpt_interval_minutes`` minutes.
     """
 
     def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
@@ -122,6 +129,12 @@ class Brain:
         self._train_loss = RunningMean()
         self._nonfinite_base = None
         self._nonfinite_extra = 0
+        self._resume_skip = 0  # batches of the current epoch already trained on before a restart
+        self._intra_epoch = IntraEpochSchedule(self.ckpt_interval_steps, self.ckpt_interval_minutes)
+        self._intra_epoch_due = False
+        if checkpointer is not None and hasattr(checkpointer, "add_recoverable") and \
+                "brain" not in getattr(checkpointer, "recoverables", {}):
+            checkpointer.add_recoverable("brain", self)
         self.print_trainable_parameters()
 
     # -- the state ---------------------------------------------------------------------------------
@@ -158,6 +171,42 @@ class Brain:
         layout = self._layout
         sub = set_hyperparams(layout.sub_state(self.state.opt_state, label), **values)
         self.state = self.state.replace(opt_state=layout.with_sub_state(self.state.opt_state, label, sub))
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    @mark_as_saver
+    def _save(self, path):
+        """The Brain's checkpoint file: its TrainState and where the epoch stands."""
+        _checkpoint.save(path, brain_record(self))
+
+    @mark_as_loader
+    def _recover(self, path, end_of_epoch=True):
+        record = _checkpoint.load(path, device=self.device)
+        # Strict where it matters: the saved state must fit the modules and optimizers we have.
+        state = record["state"] if self._state is None else _checkpoint.restore(record["state"], self._state)
+        self.state = state
+        self.optimizer_step = record["optimizer_step"]
+        if not end_of_epoch:
+            # Resume in the middle of the epoch: skip the batches already trained on, keep the
+            # running loss exactly as it was.
+            self.step = self._resume_skip = record["step"]
+            restore_running_mean(self._train_loss, record["train_loss"])
+            self._nonfinite_base, self._nonfinite_extra = record["nonfinite_base"], record["nonfinite_extra"]
+
+    def _save_intra_epoch_ckpt(self):
+        """An intra-epoch checkpoint; only the newest one is kept (SpeechBrain's behaviour)."""
+        self.checkpointer.save_and_keep_only(
+            end_of_epoch=False, num_to_keep=1, meta={INTRA_EPOCH_FLAG: True},
+            ckpt_predicate=lambda c: INTRA_EPOCH_FLAG in c.meta, verbosity=logging.DEBUG)
+
+    def _after_train_batch(self):
+        if self.checkpointer is None or not self._intra_epoch.enabled:
+            return
+        self._intra_epoch_due = self._intra_epoch.due() or self._intra_epoch_due
+        # Only between optimizer steps: collected micro-batches are not part of the state.
+        if self._intra_epoch_due and not self._pending:
+            self._save_intra_epoch_ckpt()
+            self._intra_epoch_due = False
 
     # -- optimizers --------------------------------------------------------------------------------
 
@@ -486,8 +535,9 @@ class Brain:
         c = self.state.counters
         epoch_value = epoch if isinstance(epoch, int) else 0
         self.state = self.state.replace(counters=c._replace(epoch=torch.full_like(c.epoch, epoch_value)))
-        self._nonfinite_base = self.state.counters.nonfinite_count.clone()
-        self._nonfinite_extra = 0
+        if not self._resume_skip:
+            self._nonfinite_base = self.state.counters.nonfinite_count.clone()
+            self._nonfinite_extra = 0
         if self.train_sampler is not None and hasattr(self.train_sampler, "set_epoch"):
             self.train_sampler.set_epoch(epoch)
 
@@ -505,6 +555,8 @@ class Brain:
         self._pending = []
         shown = None if self._custom_average() else self._train_loss
         last_report = time.monotonic()
+        train_set, self._resume_skip = skip_batches(train_set, self._resume_skip), 0
+        self._intra_epoch.restart()
         with tqdm(train_set, initial=self.step, dynamic_ncols=True, disable=not enable,
                   colour=self.tqdm_barcolor["train"]) as bar:
             for batch in bar:
@@ -515,6 +567,7 @@ class Brain:
                 self._loss_weight = 1
                 loss = self.fit_batch(batch)
                 self._record_train_loss(loss)
+                self._after_train_batch()
                 if time.monotonic() - last_report >= _REPORT_SECONDS:
                     self._report(bar, shown)
                     last_report = time.monotonic()

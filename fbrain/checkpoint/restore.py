@@ -63,9 +63,22 @@ def _match(loaded: Any, template: Any, path: str) -> Any:
 
 
 def _to_device(tree: Any, device) -> Any:
-    from fbrain.tree import map_tensors
+    """Every tensor on ``device``, except the RNG key of any TrainState inside (it stays on the CPU)."""
+    from fbrain.state import TrainState
 
-    return map_tensors(lambda t: t.to(device), tree)
+    if isinstance(tree, TrainState):
+        return tree.to(device)
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: _to_device(v, device) for k, v in tree.items()}
+    if hasattr(tree, "_fields"):
+        return type(tree)(*(_to_device(v, device) for v in tree))
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return type(tree)(**{k: _to_device(v, device) for k, v in _fields(tree).items()})
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_device(v, device) for v in tree)
+    return tree
 
 
 def restore(loaded: Any, template: Any = None, device: torch.device | str | None = None) -> Any:
@@ -74,12 +87,5 @@ def restore(loaded: Any, template: Any = None, device: torch.device | str | None
     Without a device, tensors take the template's devices (CPU without a template). A
     TrainState's RNG key always stays on the CPU.
     """
-    from fbrain.state import TrainState
-
     out = loaded if template is None else _match(loaded, template, "")
-    if device is not None:
-        if isinstance(out, TrainState):
-            out = _to_device(out.replace(rng=None), device).replace(rng=out.rng)
-        else:
-            out = _to_device(out, device)
-    return out
+    return out if device is None else _to_device(out, device)
