@@ -194,12 +194,15 @@ def distributed_launch() -> bool:
             and torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
-def make_dataloader(dataset: Any, *, train: bool = False, seed: int = 0, **loader_kwargs) -> tuple[DataLoader, Any]:
+def make_dataloader(dataset: Any, *, train: bool = False, seed: int = 0, sorting: str | None = None,
+                    **loader_kwargs) -> tuple[DataLoader, Any]:
     """``(loader, train_sampler)`` with SpeechBrain's semantics and a private random stream.
 
     For ``train`` loaders ``shuffle=True`` becomes a :class:`SeededShuffleSampler` (or a
     ``DistributedSampler`` in a distributed run); other loaders never shuffle unless given a
-    sampler. The collate is :class:`PaddedBatch` for datasets :func:`wants_padded_batch` accepts
+    sampler. In a distributed run the shards shuffle only when asked (``shuffle=True``, or the
+    recipe's ``sorting`` is "random"); "ascending"/"descending" sorting keeps the order (SpeechBrain
+    shuffles the shards unless ``sorting`` says otherwise, whatever ``shuffle`` says). The collate is :class:`PaddedBatch` for datasets :func:`wants_padded_batch` accepts
     and torch's default collate otherwise, unless ``collate_fn`` is given.
     """
     if isinstance(dataset, DataLoader):
@@ -212,6 +215,10 @@ def make_dataloader(dataset: Any, *, train: bool = False, seed: int = 0, **loade
         if distributed_launch() and kwargs.get("batch_sampler") is None:
             if kwargs.get("sampler") is not None:
                 raise ValueError("make_dataloader: a custom sampler cannot be combined with a distributed run here")
+            if sorting in ("ascending", "descending"):
+                shuffle = False
+            elif sorting == "random":
+                shuffle = True
             sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed,
                                                           drop_last=kwargs.get("drop_last", False))
             kwargs["sampler"] = sampler

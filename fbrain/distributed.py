@@ -14,6 +14,9 @@ Example (inside a process group; see tests/test_distributed.py for a torchrun la
 
 from __future__ import annotations
 
+import datetime
+import os
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -40,18 +43,70 @@ def mean_across_ranks(
     return out, mean[offset].to(loss.dtype)
 
 
-def init_from_environment(backend: str | None = None, device: torch.device | None = None):
-    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, ...).
+def launched() -> bool:
+    """True in a process started by torchrun (its RANK/LOCAL_RANK/WORLD_SIZE environment)."""
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
-    ``backend`` defaults to nccl for CUDA devices and gloo otherwise. Returns the default group,
-    or None when the environment describes no distributed run.
+
+def active() -> bool:
+    """True when a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or not distributed): the process that writes checkpoints and logs."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op outside a distributed run)."""
+    if active():
+        dist.barrier()
+
+
+def timeout() -> datetime.timedelta:
+    """How long a collective may wait for a peer before failing (``$FBRAIN_DDP_TIMEOUT_S``, 300 s).
+
+    torch's default is 30 minutes; a rank that died should stop the others much sooner.
     """
-    import os
+    return datetime.timedelta(seconds=float(os.environ.get("FBRAIN_DDP_TIMEOUT_S", "300")))
 
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+
+def init_from_environment(backend: str | None = None, device: torch.device | str | None = None):
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, ...); None outside torchrun.
+
+    ``backend`` defaults to nccl for CUDA devices and gloo otherwise.
+    """
+    if not launched():
         return None
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout())
     return dist.group.WORLD
+
+
+def ddp_init_group(run_opts: dict) -> None:
+    """SpeechBrain's ``ddp_init_group``: join torchrun's process group with the run options' backend,
+    and give each rank its own CUDA device (``cuda:LOCAL_RANK``). Outside torchrun it does nothing.
+
+    Example::
+
+        hparams_file, run_opts, overrides = fbrain.parse_arguments(sys.argv[1:])
+        fbrain.ddp_init_group(run_opts)
+    """
+    if not launched():
+        return
+    device = str(run_opts.get("device", "cpu"))
+    if device.startswith("cuda"):
+        local = int(os.environ["LOCAL_RANK"])
+        run_opts["device"] = f"cuda:{local}"
+        torch.cuda.set_device(local)
+        backend = run_opts.get("distributed_backend", "nccl")
+    else:
+        backend = "gloo"  # nccl needs GPUs
+    init_from_environment(backend, run_opts.get("device"))

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 
+from fbrain import distributed
+
 
 def _format(value, precision: int) -> str:
     if isinstance(value, float):
@@ -42,6 +44,8 @@ class FileTrainLogger:
 
     def log_stats(self, stats_meta: dict, train_stats: dict | None = None, valid_stats: dict | None = None,
                   test_stats: dict | None = None, verbose: bool = False) -> None:
+        if not distributed.is_main_process():
+            return  # one log per run: rank 0 writes it
         parts = [self._item(stats_meta, None)]
         for prefix, stats in (("train", train_stats), ("valid", valid_stats), ("test", test_stats)):
             if stats is not None:

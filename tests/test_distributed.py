@@ -5,23 +5,27 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import fbrain
-from fbrain import optim
-from conftest import REPO, max_abs_diff
+from fbrain import checkpoint, optim
+from conftest import REPO, max_abs_diff, trees_equal
 
 SCRIPT = REPO / "tests" / "scripts" / "ddp_train.py"
+BRAIN_SCRIPT = REPO / "tests" / "scripts" / "ddp_brain.py"
 
 
-def torchrun(out_dir, *args, nproc=2):
+def torchrun(out_dir, *args, nproc=2, script=SCRIPT, expect_ok=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(SCRIPT), str(out_dir), *map(str, args)]
+           str(script), str(out_dir), *map(str, args)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if expect_ok:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 def single_process_reference():
@@ -53,3 +57,39 @@ def test_two_ranks_agree_and_equal_one_process_on_the_combined_batch(tmp_path, a
     params, losses = single_process_reference()
     assert max_abs_diff(r0["params"], params) <= 1e-6
     assert max(abs(a - b) for a, b in zip(r0["losses"], losses)) <= 1e-6
+
+
+def test_brain_under_torchrun_equals_one_process_on_the_combined_batch(tmp_path):
+    torchrun(tmp_path / "ddp", 4, script=BRAIN_SCRIPT)
+    r0 = checkpoint.load(tmp_path / "ddp" / "rank0.fbrain")
+    r1 = checkpoint.load(tmp_path / "ddp" / "rank1.fbrain")
+    assert trees_equal(r0, r1)  # every rank holds the same state, bit for bit
+    single = subprocess.run([sys.executable, str(BRAIN_SCRIPT), str(tmp_path / "one"), "8"],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    alone = checkpoint.load(tmp_path / "one" / "rank0.fbrain")
+    assert max_abs_diff(r0.params, alone.params) <= 1e-6
+    assert int(r0.counters.optimizer_step) == int(alone.counters.optimizer_step) == 8
+    # Only rank 0 wrote checkpoints, and the logged losses are the ranks' average.
+    ddp_losses = [float.fromhex(line.split()[2]) for line in open(tmp_path / "ddp" / "losses.txt")]
+    one_losses = [float.fromhex(line.split()[2]) for line in open(tmp_path / "one" / "losses.txt")]
+    assert max(abs(a - b) for a, b in zip(ddp_losses, one_losses)) <= 1e-6
+
+
+def test_brain_killed_and_resumed_under_torchrun_is_bitwise_identical(tmp_path):
+    torchrun(tmp_path / "straight", 4, "--dropout", script=BRAIN_SCRIPT)
+    start = time.monotonic()
+    killed = torchrun(tmp_path / "resumed", 4, "--dropout", "--kill-at-step", 2, script=BRAIN_SCRIPT,
+                      expect_ok=False)
+    assert killed.returncode != 0
+    assert time.monotonic() - start < 120  # the surviving rank stopped; nothing hung
+    assert not (tmp_path / "resumed" / "rank0.fbrain").exists()
+    torchrun(tmp_path / "resumed", 4, "--dropout", script=BRAIN_SCRIPT)
+    for rank in (0, 1):
+        assert trees_equal(checkpoint.load(tmp_path / "resumed" / f"rank{rank}.fbrain"),
+                           checkpoint.load(tmp_path / "straight" / f"rank{rank}.fbrain"))
+
+    def last(path):
+        return {tuple(line.split()[:2]): line.split()[2] for line in open(path)}
+
+    assert last(tmp_path / "resumed" / "losses.txt") == last(tmp_path / "straight" / "losses.txt")

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from fbrain import data as _data
 from fbrain import optim
 from fbrain import checkpoint as _checkpoint
+from fbrain import distributed as _distributed
 from fbrain.brain.binding import Binding
 from fbrain.brain.checkpointing import (INTRA_EPOCH_FLAG, IntraEpochSchedule, brain_record,
                                         restore_running_mean, skip_batches)
@@ -89,6 +90,11 @@ class Brain:
             raise TypeError(f"hparams: expected a dict, got {type(hparams).__name__}")
         for name, value in resolve_run_options(run_opts, hparams).items():
             setattr(self, name, value)
+        if _distributed.launched():
+            # Started by torchrun: join the process group, one device per rank.
+            placement = {"device": str(self.device), "distributed_backend": self.distributed_backend}
+            _distributed.ddp_init_group(placement)
+            self.device = placement["device"]
         self.device = str(self.device)
         self.device_type = self.device.split(":")[0]
         if self.device_type == "cuda":
@@ -104,7 +110,7 @@ class Brain:
         seed = (hparams or {}).get("seed", 0)
         # The Brain's own random stream (data order, dropout via state.rng): never the global RNG.
         self.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
-        self.distributed_launch = os.environ.get("RANK") is not None and os.environ.get("LOCAL_RANK") is not None
+        self.distributed_launch = _distributed.active()
 
         self.optimizer = None
         self.optimizers_dict = None
@@ -346,10 +352,11 @@ class Brain:
             )
 
     def _wrap_distributed(self):
-        if self.data_parallel_backend or self.distributed_launch:
+        # Under torchrun nothing is wrapped: the pure step averages gradients across ranks itself.
+        if self.data_parallel_backend:
             raise NotImplementedError(
-                "fbrain.Brain does not wrap modules in DataParallel/DistributedDataParallel yet "
-                "(run option data_parallel_backend, or a torchrun launch)"
+                "run option data_parallel_backend: fbrain.Brain has no single-process DataParallel; "
+                "launch with torchrun for data parallelism"
             )
 
     # -- the default batch functions: the pure steps ----------------------------------------------
@@ -378,7 +385,8 @@ class Brain:
             check_state(self.state)
             self._train_steps[key] = make_train_step(
                 self._train_loss_fn, self._layout.transformation(active), max_grad_norm=self.max_grad_norm,
-                precision=self.precision, accumulation=count, loss_scale=self._loss_scale)
+                precision=self.precision, accumulation=count, loss_scale=self._loss_scale,
+                process_group=torch.distributed.group.WORLD if _distributed.active() else None)
         return self._train_steps[key]
 
     def _run_train_step(self, batches: list):
@@ -500,6 +508,7 @@ class Brain:
     def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
         """A DataLoader with SpeechBrain's semantics; shuffling draws from the Brain's seeded generator."""
         loader, sampler = _data.make_dataloader(dataset, train=stage == Stage.TRAIN, seed=self.seed,
+                                                sorting=getattr(getattr(self, "hparams", None), "sorting", None),
                                                 **loader_kwargs)
         if stage == Stage.TRAIN and sampler is not None:
             self.train_sampler = sampler
@@ -521,6 +530,7 @@ class Brain:
         self.on_fit_start()
         self._ensure_state()
         enable = (not self.noprogressbar) if progressbar is None else bool(progressbar)
+        enable = enable and _distributed.is_main_process()  # one progress bar per run, not per rank
         for epoch in epoch_counter:
             self._fit_train(train_set, epoch, enable)
             self._fit_valid(valid_set, epoch, enable)

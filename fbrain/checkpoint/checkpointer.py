@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from fbrain import distributed
 from fbrain.checkpoint.files import fsync_dir, load, save
 from fbrain.checkpoint.serialization import CheckpointError
 
@@ -144,8 +145,21 @@ class Checkpointer:
         raise FileExistsError(f"{self.checkpoints_dir}: too many checkpoints named {stamp!r}")
 
     def save_checkpoint(self, meta: dict | None = None, end_of_epoch: bool = True,
-                        name: str | None = None, verbosity: int = logging.INFO) -> Checkpoint:
-        """Save every recoverable into a new ``CKPT+...`` folder; it appears only once complete."""
+                        name: str | None = None, verbosity: int = logging.INFO) -> Checkpoint | None:
+        """Save every recoverable into a new ``CKPT+...`` folder; it appears only once complete.
+
+        In a distributed run only rank 0 writes (the others get None); every rank waits until it
+        is written, so all can read it afterwards.
+        """
+        if not distributed.is_main_process():
+            distributed.barrier()
+            return None
+        try:
+            return self._write_checkpoint(meta, end_of_epoch, name, verbosity)
+        finally:
+            distributed.barrier()
+
+    def _write_checkpoint(self, meta, end_of_epoch, name, verbosity) -> Checkpoint:
         self._remove_leftovers()
         final = self._new_folder_name(name)
         tmp = tempfile.mkdtemp(prefix=f"{final}{TMP_MARK}", dir=self.checkpoints_dir)
@@ -250,9 +264,19 @@ class Checkpointer:
 
     def delete_checkpoints(self, num_to_keep=1, min_keys=None, max_keys=None, importance_keys=None,
                            ckpt_predicate=None, verbosity=logging.INFO) -> None:
-        """Delete checkpoints except the ``num_to_keep`` best under each importance criterion."""
+        """Delete checkpoints except the ``num_to_keep`` best under each importance criterion
+        (rank 0 deletes in a distributed run; the others wait)."""
         if num_to_keep < 0:
             raise ValueError(f"num_to_keep: expected >= 0, got {num_to_keep}")
+        if not distributed.is_main_process():
+            distributed.barrier()
+            return
+        try:
+            self._delete(num_to_keep, min_keys, max_keys, importance_keys, ckpt_predicate, verbosity)
+        finally:
+            distributed.barrier()
+
+    def _delete(self, num_to_keep, min_keys, max_keys, importance_keys, ckpt_predicate, verbosity) -> None:
         criteria = [(None, k, None) for k in (max_keys or [])] + [(None, None, k) for k in (min_keys or [])]
         criteria += [(k, None, None) for k in (importance_keys or [])]
         if not criteria:

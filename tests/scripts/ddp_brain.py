@@ -1,0 +1,51 @@
+"""Launched by tests/test_distributed.py: fbrain.Brain under torchrun (or alone, for the reference).
+
+usage: ddp_brain.py OUT_DIR PER_RANK_BATCH [--dropout] [--kill-at-step N]
+
+Trains an MLP with dropout for 2 epochs on 32 examples (shuffle=False, so the shards are
+interleaved and one process with a batch of WORLD x PER_RANK_BATCH sees the same examples per
+step), with an intra-epoch checkpoint after every step. Writes OUT_DIR/rank{R}.fbrain (the final
+TrainState) and, on rank 0, OUT_DIR/losses.txt. With kill-at-step N, rank 0 SIGKILLs itself after
+its N-th step of epoch 2. --dropout puts a Dropout(0.3) in the model.
+"""
+
+import os
+import signal
+import sys
+
+import torch
+
+import fbrain
+from fbrain import checkpoint
+
+out_dir, batch_size, options = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+kill_at = int(options[options.index("--kill-at-step") + 1]) if "--kill-at-step" in options else None
+dropout = 0.3 if "--dropout" in options else 0.0
+g = torch.Generator().manual_seed(0)
+data = [(torch.randn(6, generator=g), torch.randn(2, generator=g)) for _ in range(32)]
+
+
+class Regression(fbrain.Brain):
+    def compute_forward(self, batch, stage):
+        return self.modules.model(batch[0])
+
+    def compute_objectives(self, predictions, batch, stage):
+        return torch.nn.functional.mse_loss(predictions, batch[1])
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        if fbrain.distributed.is_main_process():
+            with open(os.path.join(out_dir, "losses.txt"), "a") as f:
+                f.write(f"{counter.current} {self.step} {float(loss).hex()}\n")
+        if kill_at is not None and counter.current == 2 and self.step == kill_at and fbrain.distributed.rank() == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(dropout), torch.nn.Linear(16, 2))
+counter = fbrain.EpochCounter(2)
+checkpointer = checkpoint.Checkpointer(os.path.join(out_dir, "ckpts"), {"counter": counter})
+brain = Regression({"model": model}, lambda p: torch.optim.Adam(p, lr=1e-2),
+                   run_opts={"ckpt_interval_steps": 1, "noprogressbar": True}, checkpointer=checkpointer)
+brain.fit(counter, data, train_loader_kwargs={"batch_size": batch_size, "shuffle": False})
+checkpoint.save(os.path.join(out_dir, f"rank{fbrain.distributed.rank()}.fbrain"), brain.state)
+fbrain.distributed.barrier()
