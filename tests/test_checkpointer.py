@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+import fbrain
 from fbrain import checkpoint
 from fbrain.checkpoint import Checkpointer, mark_as_loader, mark_as_saver
 
@@ -141,3 +142,62 @@ def test_bad_recoverables_are_named(tmp_path):
     ckpt.add_recoverable("thing", object())
     with pytest.raises(TypeError, match="cannot checkpoint a object"):
         ckpt.save_checkpoint()
+
+
+class Regression(fbrain.Brain):
+    def compute_forward(self, batch, stage):
+        return self.modules.model(batch[0])
+
+    def compute_objectives(self, predictions, batch, stage):
+        return torch.nn.functional.mse_loss(predictions, batch[1])
+
+
+def regression_data(n=12):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(3, generator=g), torch.randn(2, generator=g)) for _ in range(n)]
+
+
+def test_brain_evaluate_with_min_key_loads_the_best_checkpoint(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    ckpt = Checkpointer(tmp_path / "ckpts", {"model": model})
+    brain = Regression({"model": model}, lambda p: torch.optim.SGD(p, lr=0.1),
+                       run_opts={"noprogressbar": True}, checkpointer=ckpt)
+    assert "brain" in ckpt.recoverables  # the Brain registers itself
+    brain.fit(range(1), regression_data(), train_loader_kwargs={"batch_size": 4})
+    best = {k: v.clone() for k, v in brain.state.params.items()}
+    ckpt.save_checkpoint(meta={"loss": 0.1})
+    brain.fit(range(1, 3), regression_data(), train_loader_kwargs={"batch_size": 4})
+    ckpt.save_checkpoint(meta={"loss": 0.9})
+    assert not torch.equal(brain.state.params["model.weight"], best["model.weight"])
+    brain.evaluate(regression_data(4), min_key="loss", test_loader_kwargs={"batch_size": 4})
+    assert all(torch.equal(brain.state.params[k], best[k]) for k in best)
+    assert torch.equal(brain.modules.model.weight.detach(), best["model.weight"])  # modules follow the state
+
+
+def test_intra_epoch_checkpoints_every_n_steps_keep_only_the_newest(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpts")
+    brain = Regression({"model": torch.nn.Linear(3, 2)}, lambda p: torch.optim.SGD(p, lr=0.1),
+                       run_opts={"noprogressbar": True, "ckpt_interval_steps": 2}, checkpointer=ckpt)
+    brain.fit(range(1), regression_data(12), train_loader_kwargs={"batch_size": 2})  # 6 steps: 3 saves
+    found = ckpt.list_checkpoints()
+    assert len(found) == 1 and found[0].meta["end-of-epoch"] is False
+    assert found[0].meta["brain_intra_epoch_ckpt"] is True
+
+
+def test_lr_schedulers_and_generators_are_recoverables(tmp_path):
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    gen = torch.Generator().manual_seed(1)
+    ckpt = Checkpointer(tmp_path, {"sched": sched, "gen": gen})
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    ckpt.save_checkpoint()
+    expected = torch.rand(2, generator=torch.Generator().set_state(gen.get_state()))
+    fresh_opt = torch.optim.SGD([param], lr=1.0)
+    fresh = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=1, gamma=0.5)
+    gen.manual_seed(99)
+    Checkpointer(tmp_path, {"sched": fresh, "gen": gen}).recover_if_possible()
+    assert fresh.last_epoch == 3 and fresh.get_last_lr() == sched.get_last_lr()
+    assert torch.equal(torch.rand(2, generator=gen), expected)
