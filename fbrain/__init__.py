@@ -31,6 +31,7 @@ from fbrain.step import (
 )
 from fbrain.brain import Brain, EpochCounter, Stage, create_experiment_directory, parse_arguments
 from fbrain.data import PaddedBatch, PaddedData
+from fbrain.distributed import ddp_init_group, run_on_main
 from fbrain.metrics import MetricStats
 from fbrain.train_logger import FileTrainLogger
 
@@ -42,5 +43,5 @@ __all__ = [
     "optim", "per_example_grads", "rng", "stack_micro_batches", "stack_states", "tree",
     "unstack_states",
     "Brain", "EpochCounter", "FileTrainLogger", "MetricStats", "PaddedBatch", "PaddedData", "Stage",
-    "create_experiment_directory", "parse_arguments",
+    "create_experiment_directory", "ddp_init_group", "parse_arguments", "run_on_main",
 ]

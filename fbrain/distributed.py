@@ -68,6 +68,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def run_on_main(func, args=None, kwargs=None, post_func=None, post_args=None, post_kwargs=None):
+    """SpeechBrain's ``run_on_main``: ``func`` on rank 0 only (data preparation, folder creation),
+    then a barrier, then ``post_func`` (if any) on the other ranks. Outside a distributed run it
+    simply calls ``func``."""
+    if is_main_process():
+        func(*(args or ()), **(kwargs or {}))
+    barrier()
+    if post_func is not None and not is_main_process():
+        post_func(*(post_args or ()), **(post_kwargs or {}))
+
+
 def timeout() -> datetime.timedelta:
     """How long a collective may wait for a peer before failing (``$FBRAIN_DDP_TIMEOUT_S``, 300 s).
 
