@@ -16,6 +16,7 @@ from fbrain.checkpoint.checkpointer import Checkpoint, Checkpointer, mark_as_loa
 from fbrain.checkpoint.files import atomic_open, fsync_dir, load, save, write_atomic
 from fbrain.checkpoint.restore import restore
 from fbrain.checkpoint.serialization import CheckpointError, from_bytes, read, register_type, to_bytes, write
+from fbrain.checkpoint.speechbrain_import import find_speechbrain_checkpoint, import_speechbrain
 from fbrain.loss_scale import LossScaleState
 from fbrain.optim import AdamState, EmptyState, RMSpropState, SGDState
 from fbrain.state import Counters, TrainState
@@ -24,6 +25,7 @@ for _cls in (TrainState, Counters, LossScaleState, AdamState, SGDState, RMSpropS
     register_type(_cls)
 
 __all__ = [
-    "Checkpoint", "Checkpointer", "mark_as_loader", "mark_as_saver", "CheckpointError", "atomic_open", "from_bytes", "fsync_dir", "load", "read", "register_type", "restore",
+    "Checkpoint", "Checkpointer", "mark_as_loader", "mark_as_saver", "CheckpointError", "atomic_open", "find_speechbrain_checkpoint", "from_bytes", "fsync_dir",
+    "import_speechbrain", "load", "read", "register_type", "restore",
     "save", "to_bytes", "write", "write_atomic",
 ]

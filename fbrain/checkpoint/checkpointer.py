@@ -63,16 +63,27 @@ def mark_as_loader(method: Callable) -> Callable:
     return method
 
 
-def _marked(obj: Any, flag: str):
-    for name in dir(type(obj)):
-        if getattr(getattr(type(obj), name, None), flag, False):
-            return getattr(obj, name)
+# The attributes that mark a method as a saver / loader: fbrain's own, then SpeechBrain's
+# (``speechbrain.utils.checkpoints.mark_as_saver`` / ``mark_as_loader`` set these), so SpeechBrain's
+# EpochCounter, NewBobScheduler ... are recoverables as they are, without importing SpeechBrain.
+SAVER_FLAGS = ("_fbrain_saver", "_speechbrain_saver")
+LOADER_FLAGS = ("_fbrain_loader", "_speechbrain_loader")
+
+
+def _marked(obj: Any, flags: tuple[str, ...]):
+    """The bound method of ``obj`` marked with the first of ``flags`` found, or None."""
+    cls = type(obj)
+    for flag in flags:
+        for name in dir(cls):
+            if getattr(getattr(cls, name, None), flag, False):
+                return getattr(obj, name)
     return None
 
 
 def default_save(obj: Any, path: str) -> None:
-    """Save a recoverable by what it is: marked hooks, a module, a generator, or a state_dict owner."""
-    saver = _marked(obj, "_fbrain_saver")
+    """Save a recoverable by what it is: marked hooks (fbrain's or SpeechBrain's), a generator, or
+    a state_dict owner (modules, LR schedulers, torch optimizers ...)."""
+    saver = _marked(obj, SAVER_FLAGS)
     if saver is not None:
         return saver(path)
     if isinstance(obj, torch.Generator):
@@ -84,7 +95,7 @@ def default_save(obj: Any, path: str) -> None:
 
 
 def default_load(obj: Any, path: str, end_of_epoch: bool, allow_partial: bool) -> None:
-    loader = _marked(obj, "_fbrain_loader")
+    loader = _marked(obj, LOADER_FLAGS)
     if loader is not None:
         return loader(path, end_of_epoch)
     if isinstance(obj, torch.Generator):

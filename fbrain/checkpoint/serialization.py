@@ -11,9 +11,10 @@ A file is a sequence of msgpack objects:
 4. a fixed-size trailer (extension code 9): where the tree starts and a CRC-32 of every byte
    before the trailer, which loading verifies before it decodes anything.
 
-Loading maps tensors straight onto the bytes read from the file (no copy); only extension
-codes 1-3 and 9 are accepted, and named types come from a registry, so loading never runs
-code named by the file.
+Loading maps tensors straight onto the bytes read from the file, without copying them, except
+a tensor over 1 GiB: its chunks lie apart in the file (each behind its own bin header), so they
+are joined into one new tensor (one copy of that tensor). Only extension codes 1-3 and 9 are
+accepted, and named types come from a registry, so loading never runs code named by the file.
 
 Example::
 
