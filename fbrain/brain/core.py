@@ -198,6 +198,12 @@ class Brain:
             self.step = self._resume_skip = record["step"]
             restore_running_mean(self._train_loss, record["train_loss"])
             self._nonfinite_base, self._nonfinite_extra = record["nonfinite_base"], record["nonfinite_extra"]
+        else:
+            # A fresh epoch starts: forget any position a newer (intra-epoch) checkpoint set before
+            # one of its later files turned out damaged and recovery fell back to this one.
+            self.step = self._resume_skip = 0
+            self._train_loss.reset(0.0)
+            self._nonfinite_base, self._nonfinite_extra = None, 0
 
     def _save_intra_epoch_ckpt(self):
         """An intra-epoch checkpoint; only the newest one is kept (SpeechBrain's behaviour)."""
