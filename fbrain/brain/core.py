@@ -350,11 +350,57 @@ class Brain:
         if self.checkpointer is not None and hasattr(self.checkpointer, "recover_if_possible"):
             self.checkpointer.recover_if_possible(max_key=max_key, min_key=min_key)
 
+    @staticmethod
+    def _compile_module(module: torch.nn.Module, **compile_kwargs) -> None:
+        """``torch.compile`` ``module``'s calls in place: its names, Parameters and buffers stay as they are.
+
+        What ``nn.Module.compile`` means to do, but that compiles ``_call_impl`` itself, a frame in
+        torch.nn that dynamo skips, so a torch.nn module (Sequential, Linear, LSTM ...) would silently
+        stay eager. The call goes through a function of ours, which dynamo traces, inlining the module
+        (what ``torch.compile(module)``'s ``OptimizedModule`` does, without renaming anything).
+        """
+        call = module._call_impl
+
+        def call_module(*args, **kwargs):
+            return call(*args, **kwargs)
+
+        module._compiled_call_impl = torch.compile(call_module, **compile_kwargs)
+
     def _compile(self):
-        if self.compile or self.jit:
+        """``torch.compile`` the modules named by ``compile_module_keys`` (all when None), SpeechBrain-style.
+
+        SpeechBrain replaces each module with ``torch.compile(module)``, an ``OptimizedModule`` whose
+        parameters are renamed (``model._orig_mod.weight``); the state, the parameter binding, the pure
+        step's reparametrisation and the checkpoints all go by the uncompiled names, so here each module
+        is compiled in place instead (:meth:`_compile_module`): same names, same Parameter objects,
+        ``self.modules.model(x)`` runs the compiled graph. As in SpeechBrain, a module that fails to
+        compile stays eager with a warning, and a module already compiled is left alone.
+        ``jit`` (TorchScript) is not supported: a scripted module cannot run with the state's tensors.
+        """
+        compile_keys: set = set()
+        if self.compile:
+            compile_keys = set(self.modules) if self.compile_module_keys is None else set(self.compile_module_keys)
+        jit_keys: set = set()
+        if self.jit:
+            jit_keys = set(self.modules) if self.jit_module_keys is None else set(self.jit_module_keys)
+        for name in sorted(compile_keys | jit_keys):
+            if name not in self.modules:
+                option = "compile_module_keys" if name in compile_keys else "jit_module_keys"
+                raise ValueError(f"run option {option}: module {name!r} is not in modules {sorted(self.modules)}")
+        for name in sorted(compile_keys):
+            module = self.modules[name]
+            if module._compiled_call_impl is None:  # not compiled by an earlier fit
+                try:
+                    self._compile_module(module, mode=self.compile_mode, fullgraph=self.compile_using_fullgraph,
+                                         dynamic=self.compile_using_dynamic_shape_tracing)
+                except Exception as e:  # SpeechBrain's behaviour: skip it, keep training eagerly
+                    logger.warning("module %r in compile_module_keys failed to compile and stays eager: %s", name, e)
+                    continue
+            jit_keys.discard(name)
+        if jit_keys:
             raise NotImplementedError(
-                "run option compile/jit: fbrain.Brain does not compile modules; compile the pure step "
-                "instead (fbrain.make_train_step(...).compile())"
+                f"run option jit: fbrain.Brain cannot TorchScript modules {sorted(jit_keys)} (a scripted module "
+                "cannot run with the state's parameters); use compile=True instead"
             )
 
     def _wrap_distributed(self):
