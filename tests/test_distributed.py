@@ -93,3 +93,29 @@ def test_brain_killed_and_resumed_under_torchrun_is_bitwise_identical(tmp_path):
         return {tuple(line.split()[:2]): line.split()[2] for line in open(path)}
 
     assert last(tmp_path / "resumed" / "losses.txt") == last(tmp_path / "straight" / "losses.txt")
+
+
+IMPERATIVE_SCRIPT = REPO / "tests" / "scripts" / "ddp_imperative.py"
+
+
+@pytest.mark.parametrize("mode", ["plain", "speechbrain"])
+def test_an_imperative_fit_batch_averages_gradients_across_ranks(tmp_path, mode):
+    # loss.backward(); self.optimizer.step() through the optimizer views, on 2 ranks.
+    torchrun(tmp_path / "ddp", 4, mode, script=IMPERATIVE_SCRIPT)
+    r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
+    assert trees_equal(r0["params"], r1["params"])  # the ranks did not drift apart
+    single = subprocess.run([sys.executable, str(IMPERATIVE_SCRIPT), str(tmp_path / "one"), "8", mode],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    alone = torch.load(tmp_path / "one" / "rank0.pt")
+    assert max_abs_diff(r0["params"], alone["params"]) <= 1e-6
+    # The stage-end train loss is the ranks' average: equal on both, and to the combined batch's.
+    assert r0["losses"] == r1["losses"]
+    assert max(abs(a - b) for a, b in zip(r0["losses"], alone["losses"])) <= 1e-6
+    steps = 8 if mode == "plain" else 4  # 2 epochs of 4 batches per rank, or of 2 accumulated pairs
+    assert r0["optimizer_steps"] == alone["optimizer_steps"] == steps
+    # One gradient all-reduce per optimizer step: none for the micro-batches inside no_sync.
+    assert r0["grad_collectives"] == steps and alone["grad_collectives"] == 0
+    # create_experiment_directory: only rank 0 logs (the Brain's first log line appears once).
+    log = (tmp_path / "ddp" / "exp" / "log.txt").read_text()
+    assert log.count("trainable parameters") == 1 and (tmp_path / "ddp" / "exp" / "env.log").exists()

@@ -58,6 +58,53 @@ def test_matches_torch_optim_for_200_steps(name, torch_ctor, twin):
 
 
 @pytest.mark.parametrize("name,torch_ctor,twin", CASES, ids=[c[0] for c in CASES])
+def test_the_general_update_path_matches_torch_optim_for_200_steps(name, torch_ctor, twin):
+    # Without the fused CPU shortcut every optimizer runs its multi-tensor `update`.
+    ours, theirs = train_both(torch_ctor, twin._replace(fused_apply=None))
+    assert max_abs_diff(ours, theirs) <= 1e-6
+
+
+def spy_on_fused(twin):
+    served = []
+
+    def fused_apply(*args, **kwargs):
+        result = twin.fused_apply(*args, **kwargs)
+        served.append(result is not None)
+        return result
+    return twin._replace(fused_apply=fused_apply), served
+
+
+@pytest.mark.parametrize("name", ["sgd", "sgd-nesterov", "sgd-maximize", "adam", "adam-wd-amsgrad",
+                                  "adamw", "adamw-amsgrad"])
+def test_the_fused_cpu_path_serves_every_step_without_reading_the_count(name):
+    torch_ctor, twin = next((c, t) for n, c, t in CASES if n == name)
+    spied, served = spy_on_fused(twin)
+    ours, theirs = train_both(torch_ctor, spied, steps=20)
+    assert served == [True] * 20
+    assert max_abs_diff(ours, theirs) <= 1e-6
+
+
+def test_the_fused_path_trusts_only_mirrored_hyperparameters():
+    from fbrain.optim import hyperparams as hp
+    twin, served = spy_on_fused(optim.adam(1e-3, betas=(0.9, 0.99)))
+    model = mlp(0)
+    state = fbrain.TrainState.create(model, twin)
+    step = fbrain.make_train_step(regression_loss(model), twin)
+    batch = batches(1)[0]
+    state, _ = step(state, batch)
+    state.opt_state.hyperparams["beta2"].fill_(0.95)  # in place: the mirror no longer matches
+    untrusted, _ = step(state, batch)
+    hp.mirror_hyperparams(state.opt_state)  # one read, outside a step
+    trusted, _ = step(state, batch)
+    assert served == [True, False, True]
+    # Both paths used beta2 = 0.95.
+    assert max_abs_diff(untrusted.params, trusted.params) <= 1e-7
+    restored = optim.set_hyperparams(state.opt_state, beta2=torch.tensor(0.9))  # a tensor: read once
+    step(state.replace(opt_state=restored), batch)
+    assert served[-1] is True
+
+
+@pytest.mark.parametrize("name,torch_ctor,twin", CASES, ids=[c[0] for c in CASES])
 def test_from_torch_builds_the_same_twin(name, torch_ctor, twin):
     ours, theirs = train_both(torch_ctor, optim.from_torch(torch_ctor), steps=50)
     assert max_abs_diff(ours, theirs) <= 1e-6

@@ -7,6 +7,7 @@ import torch
 
 import fbrain
 from fbrain import optim
+from fbrain.optim.hyperparams import mirror_hyperparams
 from conftest import (ConvNet, batches, bitwise_equal, clone_tree, conv_batches, max_abs_diff, mlp,
                       regression_loss, trees_equal)
 
@@ -283,11 +284,42 @@ def test_bf16_and_fp16_steps_train():
         assert float(metrics["loss"]) < first
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"max_grad_norm": 1.0, "precision": "fp16"}, {"accumulation": 2},
-                                    {"precision": "bf16"}, {"per_example": True, "max_grad_norm": 1.0}])
-def test_a_step_never_reads_tensor_values_on_the_host(kwargs):
+# Every way Python turns a tensor into a host value. `__index__` is what int(), range() and
+# indexing use; `__float__`/`__int__` are float(t)/int(t).
+HOST_READS = ("item", "__bool__", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__")
+
+
+def fused_spy(opt):
+    served = []
+
+    def fused_apply(*args, **kwargs):
+        result = opt.fused_apply(*args, **kwargs)
+        served.append(result is not None)
+        return result
+    return opt._replace(fused_apply=fused_apply), served
+
+
+CHAINED = lambda: optim.chain(optim.clip_by_global_norm(2.0),  # noqa: E731
+                              optim.adamw(1e-3, weight_decay=optim.schedules.cosine_decay(1e-2, 10)))
+
+
+@pytest.mark.parametrize("kwargs,make_opt", [
+    ({}, CHAINED), ({"max_grad_norm": 1.0, "precision": "fp16"}, CHAINED), ({"accumulation": 2}, CHAINED),
+    ({"precision": "bf16"}, CHAINED), ({"per_example": True, "max_grad_norm": 1.0}, CHAINED),
+    # The plain optimizers take the fused CPU kernels (checked below): their float hyperparameters
+    # come from the host-side mirror, never from reading the state's tensors.
+    ({}, lambda: optim.adam(1e-3, weight_decay=1e-4, amsgrad=True)),
+    ({"max_grad_norm": 1.0}, lambda: optim.adamw(1e-3, betas=(0.8, 0.99))),
+    ({"precision": "fp16"}, lambda: optim.sgd(0.1, momentum=0.9, weight_decay=1e-4)),
+    ({}, lambda: optim.sgd(0.1, momentum=0.9, nesterov=True)),
+], ids=["chain", "chain-fp16", "chain-accumulation", "chain-bf16", "chain-per-example", "adam", "adamw",
+        "sgd-momentum-fp16", "sgd-nesterov"])
+def test_a_step_never_reads_tensor_values_on_the_host(kwargs, make_opt):
     model = ConvNet(0) if not kwargs.get("per_example") else mlp(0, dropout=0.1)
-    opt = optim.chain(optim.clip_by_global_norm(2.0), optim.adamw(1e-3, weight_decay=optim.schedules.cosine_decay(1e-2, 10)))
+    opt = make_opt()
+    served = None
+    if opt.fused_apply is not None:
+        opt, served = fused_spy(opt)
     state = fbrain.TrainState.create(model, opt)
     loss_fn = regression_loss(model)
     if kwargs.get("per_example"):
@@ -300,16 +332,19 @@ def test_a_step_never_reads_tensor_values_on_the_host(kwargs):
     step = fbrain.make_train_step(loss_fn, opt, **kwargs)
     eval_step = fbrain.make_eval_step(loss_fn)
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("item", "__bool__", "tolist", "cpu", "numpy"):
+        for name in HOST_READS:
             def raiser(*args, _name=name, **kw):
                 raise AssertionError(f"host synchronisation: Tensor.{_name} called inside a step")
             mp.setattr(torch.Tensor, name, raiser)
-        with pytest.raises(AssertionError, match="host synchronisation"):
-            torch.ones(1).item()  # the patch is in force
+        for read in (lambda t: t.item(), float, int, lambda t: [0, 1][t]):
+            with pytest.raises(AssertionError, match="host synchronisation"):
+                read(torch.ones((), dtype=torch.int64))  # the patches are in force
         new_state, metrics = step(state, batch)
         new_state, metrics = step(new_state, batch)
         eval_step(new_state, (x, y))
     assert int(new_state.counters.step) == 2
+    if served is not None:
+        assert served == [True, True]  # the fused kernels ran, not the multi-tensor fallback
 
 
 @pytest.mark.parametrize("call,match", [
@@ -377,12 +412,16 @@ def test_a_donated_state_gives_the_same_result_as_the_pure_step():
     pure = fbrain.make_train_step(regression_loss(model), opt, max_grad_norm=1.0)
     donating = fbrain.make_train_step(regression_loss(model), opt, max_grad_norm=1.0, donate_state=True)
     a, b = state, clone_tree(state)
+    # Cloned hyperparameters have no host-side mirror until recorded (outside a step); without it
+    # the step would take the multi-tensor path, equal to torch but not bitwise to the fused one.
+    mirror_hyperparams(b.opt_state)
     for x, y in batches(4):
         a, _ = pure(a, (x, y))
         b, _ = donating(b, (x, y))
     assert trees_equal(a.params, b.params) and trees_equal(a.opt_state, b.opt_state)
     # Donation reuses the input's storage: that is the point of it.
     c = clone_tree(b)
+    mirror_hyperparams(c.opt_state)
     d, _ = donating(c, batches(1)[0])
     assert d.params["0.weight"].data_ptr() == c.params["0.weight"].data_ptr()
 

@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from types import SimpleNamespace
 from typing import Any, Mapping
 
@@ -51,7 +52,7 @@ from fbrain.brain.binding import Binding
 from fbrain.brain.checkpointing import (INTRA_EPOCH_FLAG, IntraEpochSchedule, brain_record,
                                         restore_running_mean, skip_batches)
 from fbrain.brain.contexts import PrecisionContext
-from fbrain.brain.optimizers import OptimizerLayout, apply_grads, twin_of_group
+from fbrain.brain.optimizers import OptimizerLayout, apply_grads, average_grads, twin_of_group
 from fbrain.brain.run_options import resolve_run_options
 from fbrain.brain.running_mean import RunningMean
 from fbrain.brain.stage import Stage
@@ -59,7 +60,7 @@ from fbrain.brain.views import OptimizerView, ScalerView
 from fbrain.checkpoint.checkpointer import mark_as_loader, mark_as_saver
 from fbrain.loss_scale import DynamicLossScale
 from fbrain.optim.base import GradientTransformation
-from fbrain.optim.hyperparams import set_hyperparams
+from fbrain.optim.hyperparams import mirror_hyperparams, set_hyperparams
 from fbrain.state import TrainState
 from fbrain.step import MicroBatches, check_state, make_eval_step, make_train_step
 
@@ -138,6 +139,9 @@ class Brain:
         self._resume_skip = 0  # batches of the current epoch already trained on before a restart
         self._intra_epoch = IntraEpochSchedule(self.ckpt_interval_steps, self.ckpt_interval_minutes)
         self._intra_epoch_due = False
+        self._grad_sync_off = False  # inside no_sync()
+        self._synced_grads: dict = {}  # id(param) -> (weakref to the .grad averaged, its version)
+        self._loss_is_global = False  # the last fit_batch ran the pure step (its loss is averaged)
         if checkpointer is not None and hasattr(checkpointer, "add_recoverable") and \
                 "brain" not in getattr(checkpointer, "recoverables", {}):
             checkpointer.add_recoverable("brain", self)
@@ -282,6 +286,40 @@ class Brain:
         """Used by the optimizer views: one functional update of ``labels`` from ``.grad`` tensors."""
         self.state = apply_grads(self._layout, self.state, labels, grads, found_inf)
 
+    def _sync_grads(self, named, found_inf=None):
+        """Under torchrun, average the ``.grad`` of ``named`` over the ranks (one flat all-reduce),
+        once per backward: what DDP does during ``backward()``, done here when the gradients are
+        first used (``scaler.unscale_``, ``optimizers_step``'s clipping, ``optimizer.step``).
+
+        Gradients already averaged and not changed since are not sent again, and nothing is sent
+        inside :meth:`no_sync`. Returns ``found_inf``, true on every rank if it was on one.
+        """
+        if self._grad_sync_off or not _distributed.active():
+            return found_inf
+
+        def mark(p):
+            return (None, None) if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+
+        def synced(p):
+            entry = self._synced_grads.get(id(p))
+            if entry is None:
+                return False
+            if p.grad is None:
+                return entry[0] is None
+            return entry[0] is not None and entry[0]() is p.grad and entry[1] == p.grad._version
+
+        pending = [p for _, p in named if p.requires_grad and not synced(p)]
+        if not pending:
+            return found_inf
+        found_inf = average_grads(pending, torch.distributed.group.WORLD, found_inf)
+        self._synced_grads.update((id(p), mark(p)) for p in pending)
+        return found_inf
+
+    def _forget_synced(self, named) -> None:
+        """After a step: the next gradients of ``named`` are new and must be averaged again."""
+        for _, p in named:
+            self._synced_grads.pop(id(p), None)
+
     def freeze_optimizers(self, optimizers):
         """The optimizers to step this time (override to freeze some); returns them all by default."""
         return optimizers
@@ -300,12 +338,16 @@ class Brain:
         else:
             return
         for opt in valid.values():
-            self.scaler.unscale_(opt)
-        if self.max_grad_norm is not None and self.max_grad_norm > 0:
-            params = [p for opt in valid.values() for g in opt.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        for opt in valid.values():
-            self.scaler.step(opt)
+            if isinstance(opt, OptimizerView):
+                self._sync_grads(opt._named)  # averaged over the ranks once, before unscaling and clipping
+        with self.no_sync():  # clipping changes the averaged gradients in place: do not send them again
+            for opt in valid.values():
+                self.scaler.unscale_(opt)
+            if self.max_grad_norm is not None and self.max_grad_norm > 0:
+                params = [p for opt in valid.values() for g in opt.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            for opt in valid.values():
+                self.scaler.step(opt)
         self.scaler.update()
         for opt in valid.values():
             opt.zero_grad(set_to_none=True)
@@ -449,6 +491,7 @@ class Brain:
         self.state, metrics = step(self.state, batch)
         self.optimizer_step += 1
         self._loss_weight = len(batches)
+        self._loss_is_global = True  # the step averaged it over the ranks
         return metrics["loss"], metrics.get(_OUTPUTS)
 
     def fit_batch(self, batch):
@@ -523,8 +566,20 @@ class Brain:
 
     @contextlib.contextmanager
     def no_sync(self, use=True):
-        """DDP's no_sync over all modules (a no-op without DDP)."""
-        yield
+        """DDP's ``no_sync``: inside it, an optimizer step does not average gradients across ranks.
+
+        Imperative recipes need it less than with DDP: gradients are averaged when they are first
+        used (``unscale_``, clipping, ``optimizer.step()``), not in ``backward()``, so micro-batches
+        accumulated before a step are communicated once anyway. Without torchrun it does nothing.
+        """
+        if not use:
+            yield
+            return
+        outer, self._grad_sync_off = self._grad_sync_off, True
+        try:
+            yield
+        finally:
+            self._grad_sync_off = outer
 
     def update_average(self, loss, avg_loss):
         """SpeechBrain's running average (a host read per call); only called when overridden."""
@@ -546,6 +601,15 @@ class Brain:
 
     def _custom_average(self) -> bool:
         return type(self).update_average is not Brain.update_average
+
+    def _mean_loss_across_ranks(self, loss):
+        """Under torchrun, ``loss`` averaged over the ranks (a small all-reduce), so the running
+        train loss, the progress bar and ``on_stage_end`` show the run's loss, not rank 0's."""
+        if loss is None or not _distributed.active():
+            return loss
+        loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        _, mean = _distributed.mean_across_ranks({}, loss.reshape(()).float(), torch.distributed.group.WORLD)
+        return mean
 
     def _record_train_loss(self, loss) -> None:
         if self._custom_average():
@@ -581,6 +645,9 @@ class Brain:
                                              **dict(valid_loader_kwargs))
         self.on_fit_start()
         self._ensure_state()
+        # A recovered checkpoint's hyperparameters are new tensors: mirror them on the host once,
+        # so the fused CPU optimizer kernels serve the steps (they never read a tensor in a step).
+        mirror_hyperparams(self.state.opt_state)
         enable = (not self.noprogressbar) if progressbar is None else bool(progressbar)
         enable = enable and _distributed.is_main_process()  # one progress bar per run, not per rank
         for epoch in epoch_counter:
@@ -627,7 +694,10 @@ class Brain:
                     break
                 self.step += 1
                 self._loss_weight = 1
+                self._loss_is_global = False
                 loss = self.fit_batch(batch)
+                if not self._loss_is_global:
+                    loss = self._mean_loss_across_ranks(loss)  # an imperative fit_batch's local loss
                 self._record_train_loss(loss)
                 self._after_train_batch()
                 if time.monotonic() - last_report >= _REPORT_SECONDS:

@@ -4,6 +4,9 @@ Creates the folder, writes ``hyperparams.yaml`` (references resolved with HyperP
 installed, the file copied as is otherwise), copies the calling script, logs to ``log.txt``
 (uncaught exceptions included) and records the environment in ``env.log``.
 
+Under torchrun only rank 0 writes (folder, files, log handler); the other ranks wait for it at a
+barrier, as in SpeechBrain, so they never race on the same files or read a half-made folder.
+
 Example::
 
     >>> import os, tempfile
@@ -26,6 +29,8 @@ import shutil
 import sys
 
 import torch
+
+from fbrain import distributed as _distributed
 
 logger = logging.getLogger("fbrain")
 
@@ -50,9 +55,29 @@ def environment_description() -> str:
             f"CUDA available: {torch.cuda.is_available()}\n")
 
 
+def _is_main_process() -> bool:
+    # Before the process group exists (recipes often create the folder before the Brain joins it),
+    # torchrun's RANK still says which process is the main one.
+    if _distributed.active():
+        return _distributed.is_main_process()
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def create_experiment_directory(experiment_directory, hyperparams_to_save=None, overrides=None, log_config=None,
                                 save_env_desc=True, copy_caller=True):
-    """Prepare ``experiment_directory`` for a run (SpeechBrain's signature, plus ``copy_caller``)."""
+    """Prepare ``experiment_directory`` for a run (SpeechBrain's signature, plus ``copy_caller``).
+
+    Only the main process (rank 0) writes; under torchrun the others wait for it at a barrier.
+    """
+    caller = inspect.getmodule(inspect.currentframe().f_back) if copy_caller else None
+    try:
+        if _is_main_process():
+            _prepare(experiment_directory, hyperparams_to_save, overrides, log_config, save_env_desc, caller)
+    finally:
+        _distributed.barrier()  # a no-op outside a distributed run
+
+
+def _prepare(experiment_directory, hyperparams_to_save, overrides, log_config, save_env_desc, caller):
     os.makedirs(experiment_directory, exist_ok=True)
     if hyperparams_to_save is not None:
         text = _resolved_yaml(hyperparams_to_save, overrides)
@@ -60,10 +85,8 @@ def create_experiment_directory(experiment_directory, hyperparams_to_save=None, 
             w.write(f"# Generated {datetime.date.today()} from:\n# {os.path.abspath(hyperparams_to_save)}\n"
                     "# yamllint disable\n")
             w.write(text)
-    if copy_caller:
-        caller = inspect.getmodule(inspect.currentframe().f_back)
-        if caller is not None and getattr(caller, "__file__", None):
-            shutil.copy(os.path.realpath(caller.__file__), experiment_directory)
+    if caller is not None and getattr(caller, "__file__", None):
+        shutil.copy(os.path.realpath(caller.__file__), experiment_directory)
     if log_config is not None:
         import yaml
 

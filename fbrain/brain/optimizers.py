@@ -23,6 +23,7 @@ from typing import Iterable
 
 import torch
 
+from fbrain import distributed as _distributed
 from fbrain import optim
 from fbrain.optim.base import GradientTransformation
 from fbrain.optim.clipping import global_norm
@@ -118,3 +119,32 @@ def apply_grads(layout: OptimizerLayout, state: TrainState, labels: Iterable[str
         step=c.step, optimizer_step=c.optimizer_step + finite.long(), epoch=c.epoch,
         nonfinite_count=c.nonfinite_count + skip.long(),
         nonfinite_streak=torch.where(finite, torch.zeros_like(c.nonfinite_streak), c.nonfinite_streak + 1)))
+
+
+@torch.no_grad()
+def average_grads(params: list[torch.nn.Parameter], group, found_inf: torch.Tensor | None = None):
+    """Average the ``.grad`` of ``params`` over the ranks of ``group``, in place, with one flat
+    all-reduce (what DDP leaves in ``.grad``); returns ``found_inf`` made true on every rank if it
+    was true on one.
+
+    A parameter without a gradient on some rank counts as a zero gradient there (DDP's
+    ``find_unused_parameters``); one without a gradient on every rank keeps ``.grad = None``.
+    Every rank must call this with the same parameters (as every rank calls ``optimizer.step()``).
+    """
+    if not params:
+        return found_inf
+    device = params[0].device
+    packed = {str(i): (p.grad if p.grad is not None else torch.zeros_like(p)) for i, p in enumerate(params)}
+    packed["present"] = torch.tensor([float(p.grad is not None) for p in params], device=device)
+    flag = torch.zeros((), device=device) if found_inf is None else found_inf.to(device=device, dtype=torch.float32)
+    mean, flag = _distributed.mean_across_ranks(packed, flag, group)
+    present = mean.pop("present")
+    # Which of this rank's missing gradients another rank had: a host read, only when one is missing.
+    elsewhere = present.tolist() if any(p.grad is None for p in params) else None
+    for i, p in enumerate(params):
+        avg = mean[str(i)]
+        if p.grad is not None:
+            p.grad.copy_(avg)
+        elif elsewhere[i] > 0:
+            p.grad = avg.to(p.dtype).clone()
+    return None if found_inf is None else flag > 0

@@ -113,7 +113,10 @@ class OptimizerView(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Under torchrun the gradients are first averaged over the ranks (once per backward).
+        found_inf = self._brain._sync_grads(self._named, found_inf)
         self._brain._apply_grads(self._labels, self._grads(), found_inf)
+        self._brain._forget_synced(self._named)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -160,6 +163,7 @@ class ScalerView:
             return
         if id(optimizer) in self._found_inf:
             raise RuntimeError("unscale_() has already been called on this optimizer since the last update()")
+        self._brain._sync_grads(optimizer._named)  # the ranks' average decides found_inf alike
         grads = [p.grad for _, p in optimizer._named if p.grad is not None]
         inv = self._brain.state.scaler.scale.double().reciprocal().float()
         if grads:

@@ -115,13 +115,16 @@ def adam(
         h = hp.current(state.hyperparams, schedules, state.count)
         if not _fused.serves(g, h):
             return None
+        f = _fused.host_values(h, ["beta1", "beta2", "eps"] + (["weight_decay"] if has_decay else []))
+        if f is None:
+            return None
         new_p, mu, nu = (_fused.working_copies(t, names, in_place) for t in (params, state.mu, state.nu))
         nu_max = _fused.working_copies(state.nu_max, names, in_place) if amsgrad else []
         count = state.count + 1
         kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
         kernel(new_p, list(g), mu, nu, nu_max, [count.to(g[0].dtype)] * len(g),
-               lr=h["lr"].to(g[0].dtype), beta1=float(h["beta1"]), beta2=float(h["beta2"]),
-               weight_decay=float(h["weight_decay"]) if has_decay else 0.0, eps=float(h["eps"]),
+               lr=h["lr"].to(g[0].dtype), beta1=f["beta1"], beta2=f["beta2"],
+               weight_decay=f.get("weight_decay", 0.0), eps=f["eps"],
                amsgrad=amsgrad, maximize=maximize, grad_scale=None, found_inf=skip.to(torch.float32))
         new_state = AdamState(
             torch.where(skip, state.count, count),

@@ -10,6 +10,15 @@ They are float64 (float32 on MPS, which has no float64) so the arithmetic on
 them (bias corrections, ``1 - beta``) is rounded once, like torch.optim's
 Python floats.
 
+ATen's fused CPU kernels take most hyperparameters as Python floats, and a step must not read a
+tensor to get them. So whenever a hyperparameter tensor is made from a known number (``init``,
+``set_hyperparams``), its value is *mirrored* on the host, keyed by the tensor's identity and
+version counter (:func:`mirrored`). An in-place change bumps the version and a new tensor (a
+schedule's value, a loaded checkpoint) has no entry: in both cases the mirror is not trusted and
+the step takes the multi-tensor path, which does its arithmetic on the tensors.
+:func:`mirror_hyperparams` re-records a state's values (one host read each, outside a step), e.g.
+after loading a checkpoint, to get the fused kernels back.
+
 Example::
 
     >>> import torch
@@ -26,6 +35,8 @@ Example::
 from __future__ import annotations
 
 from typing import Any, Callable, Union
+
+import weakref
 
 import torch
 
@@ -50,13 +61,72 @@ def _scalar(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor(value, dtype=dtype, device=device)
 
 
+# id(tensor) -> (weak reference to it, its version counter when recorded, its value as a float).
+# A plain dict keyed by id (a lookup is a few hundred nanoseconds); the weak reference's callback
+# drops the entry when the tensor dies, and checking it guards against a reused id.
+_MIRROR: dict[int, tuple] = {}
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter: never trusted
+        return None
+
+
+def remember(t: torch.Tensor, value: float | None = None) -> torch.Tensor:
+    """Mirror the value of the 0-dim CPU tensor ``t`` on the host: ``value`` if given (it must be
+    what ``float(t)`` gives), otherwise read once (so call it outside a step). Returns ``t``."""
+    if t.device.type == "cpu" and t.numel() == 1 and _version(t) is not None:
+        key = id(t)
+        ref = weakref.ref(t, lambda _, key=key: _forget(key, ref))
+        _MIRROR[key] = (ref, _version(t), float(t) if value is None else float(value))
+    return t
+
+
+def _forget(key: int, ref) -> None:
+    entry = _MIRROR.get(key)
+    if entry is not None and entry[0] is ref:
+        del _MIRROR[key]
+
+
+def mirrored(t: torch.Tensor) -> float | None:
+    """``float(t)`` without reading ``t``: the mirrored value, or None if there is none or ``t``
+    changed in place since it was recorded."""
+    entry = _MIRROR.get(id(t))
+    if entry is None or entry[0]() is not t or entry[1] != _version(t):
+        return None
+    return entry[2]
+
+
+def mirror_hyperparams(opt_state: Any) -> Any:
+    """Mirror every hyperparameter of ``opt_state`` on the host (one read each; not inside a step),
+    so the fused CPU kernels serve a state whose tensors were made elsewhere (a loaded checkpoint).
+    Returns ``opt_state`` unchanged."""
+    def record(hp):
+        for v in hp.values():
+            if isinstance(v, torch.Tensor) and mirrored(v) is None:
+                remember(v)
+        return hp
+
+    _walk(opt_state, record)
+    return opt_state
+
+
+def _known(value, t: torch.Tensor) -> torch.Tensor:
+    """``t`` made from ``value``, mirrored when ``float(t) == value`` is certain without a read."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and t.dtype == torch.float64:
+        remember(t, value)
+    return t
+
+
 def init(params: dict[str, torch.Tensor], **values: Hyperparam) -> dict[str, torch.Tensor]:
     """0-dim tensors for ``values``; a schedule is stored as its value at count 0."""
     device = device_of(params)
     dtype = _dtype_for(device)
     zero = torch.zeros((), dtype=torch.int64, device=device)
     return {
-        name: (v(zero).to(device=device, dtype=dtype) if callable(v) else _scalar(v, dtype, device))
+        name: (v(zero).to(device=device, dtype=dtype) if callable(v) else _known(v, _scalar(v, dtype, device)))
         for name, v in values.items()
     }
 
@@ -139,6 +209,11 @@ def set_hyperparams(opt_state: Any, **values: float | torch.Tensor) -> Any:
             if k in hp:
                 seen.add(k)
                 new[k] = _scalar(v, hp[k].dtype, hp[k].device)
+                # set_hyperparams runs between steps: a tensor value may be read here, once.
+                if isinstance(v, torch.Tensor):
+                    remember(new[k])
+                else:
+                    _known(v, new[k])
         return new
 
     new_state = _walk(opt_state, assign)

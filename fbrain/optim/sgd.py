@@ -87,15 +87,22 @@ def sgd(
         h = hp.current(state.hyperparams, schedules, state.count)
         if not _fused.serves(g, h):
             return None
+        f = _fused.host_values(h, (["weight_decay"] if has_decay else [])
+                               + (["momentum", "dampening"] if has_momentum else []))
+        if f is None or f.get("dampening", 0.0) != 0.0:
+            # With dampening torch's first step differs from the later ones (the buffer starts as
+            # the plain gradient); telling them apart would read the count: the general path does.
+            return None
         new_p = _fused.working_copies(params, names, in_place)
         buffers = _fused.working_copies(state.momentum_buffer, names, in_place) if has_momentum else []
         torch._fused_sgd_(
             new_p, list(g), buffers,
-            weight_decay=float(h["weight_decay"]) if has_decay else 0.0,
-            momentum=float(h["momentum"]) if has_momentum else 0.0, lr=h["lr"].to(g[0].dtype),
-            dampening=float(h["dampening"]), nesterov=nesterov, maximize=maximize,
-            # The kernel starts the momentum buffer from the first gradient itself.
-            is_first_step=has_momentum and int(state.count) == 0,
+            weight_decay=f.get("weight_decay", 0.0), momentum=f.get("momentum", 0.0),
+            lr=h["lr"].to(g[0].dtype), dampening=0.0, nesterov=nesterov, maximize=maximize,
+            # Never the kernel's "first step" (buffer <- gradient): with the zero-initialised buffer
+            # and no dampening, momentum * 0 + gradient is that same gradient, bit for bit, and
+            # no host read of the count is needed to tell the first step apart.
+            is_first_step=False,
             grad_scale=None, found_inf=skip.to(torch.float32))
         momentum_buffer = {**state.momentum_buffer, **dict(zip(names, buffers))} if has_momentum else {}
         new_state = SGDState(torch.where(skip, state.count, state.count + 1), momentum_buffer, h)
