@@ -37,7 +37,9 @@ class Counters(NamedTuple):
 
     ``step`` counts calls of the train step, ``optimizer_step`` the updates that
     were applied; ``nonfinite_count`` counts steps skipped for a non-finite loss
-    or gradient, ``nonfinite_streak`` those in a row (reset by a finite step).
+    or gradient, ``nonfinite_streak`` those in a row (reset by a finite step). In fp16, a
+    step skipped only because the scaled gradients overflowed (finite loss) is the loss
+    scale backing off, not a non-finite step: it advances neither count.
     """
 
     step: torch.Tensor

@@ -253,6 +253,10 @@ class TrainStep:
             grads, _ = clip_grads_by_global_norm(grads, self.max_grad_norm, grad_norm)
 
         skipped = ~finite
+        # With fp16, scaled gradients that overflow while the loss is finite are the loss scale doing
+        # its job (torch's GradScaler skips them silently and backs off): such a step is skipped but
+        # not counted as non-finite, so nonfinite_patience never ends a healthy fp16 run.
+        nonfinite = skipped & ~torch.isfinite(loss) if fp16 else skipped
         new_params, opt_state = self._apply(grads, state.opt_state, params, finite, skipped)
         c = state.counters
         new_state = state.replace(
@@ -264,8 +268,8 @@ class TrainStep:
                 step=c.step + 1,
                 optimizer_step=c.optimizer_step + finite.long(),
                 epoch=c.epoch,
-                nonfinite_count=c.nonfinite_count + skipped.long(),
-                nonfinite_streak=torch.where(finite, torch.zeros_like(c.nonfinite_streak), c.nonfinite_streak + 1),
+                nonfinite_count=c.nonfinite_count + nonfinite.long(),
+                nonfinite_streak=torch.where(nonfinite, c.nonfinite_streak + 1, torch.zeros_like(c.nonfinite_streak)),
             ),
         )
         metrics = {**aux, **extra, "loss": loss, "grad_norm": grad_norm, "skipped": skipped}

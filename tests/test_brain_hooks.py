@@ -154,9 +154,6 @@ def test_scaler_view_scale_keeps_torch_dtypes(loss):
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "a step skipped because the scaled fp16 gradients overflowed counts towards nonfinite_patience, although "
-    "the loss was finite: the usual backoffs of a fresh loss scale end fp16 training with a ValueError"))
 def test_fp16_backoffs_of_a_fresh_loss_scale_are_not_nonfinite_losses():
     class Scales(RegressionBrain):
         def on_fit_batch_end(self, batch, outputs, loss, should_step):
