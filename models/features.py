@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import torch
-import torchaudio.functional as AF
 from torch import nn
 
 
@@ -43,9 +42,11 @@ class Spectral(nn.Module):
         """Complex STFT, ``[batch, time] -> [batch, frames, n_fft // 2 + 1]``."""
         if wavs.ndim != 2:
             raise ValueError(f"wavs: expected [batch, time], got shape {tuple(wavs.shape)}")
-        spec = AF.spectrogram(wavs, pad=0, window=self.window.to(wavs.dtype), n_fft=self.n_fft,
-                              hop_length=self.hop_length, win_length=self.win_length, power=None,
-                              normalized=False, center=True, pad_mode="constant", onesided=True)
+        # torch.stft itself (what torchaudio.functional.spectrogram wraps): torchaudio's wrapper calls
+        # torch.jit.isinstance, which torch.compile cannot trace, and compiled steps include these features.
+        spec = torch.stft(wavs, n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.win_length,
+                          window=self.window.to(wavs.dtype), center=True, pad_mode="constant", normalized=False,
+                          onesided=True, return_complex=True)
         return spec.transpose(1, 2)
 
     def magnitude(self, wavs: torch.Tensor) -> torch.Tensor:
@@ -59,10 +60,9 @@ class Spectral(nn.Module):
 
     def istft(self, spec: torch.Tensor, length: int) -> torch.Tensor:
         """Inverse of :meth:`stft`: ``[batch, frames, freq]`` complex -> ``[batch, length]``."""
-        return AF.inverse_spectrogram(spec.transpose(1, 2), length=length, pad=0,
-                                      window=self.window.to(spec.real.dtype), n_fft=self.n_fft,
-                                      hop_length=self.hop_length, win_length=self.win_length,
-                                      normalized=False, center=True, pad_mode="constant", onesided=True)
+        return torch.istft(spec.transpose(1, 2), n_fft=self.n_fft, hop_length=self.hop_length,
+                           win_length=self.win_length, window=self.window.to(spec.real.dtype), center=True,
+                           normalized=False, onesided=True, length=length)
 
     def resynthesize(self, magnitude: torch.Tensor, noisy: torch.Tensor, normalize: bool = True,
                      eps: float = 1e-14) -> torch.Tensor:

@@ -50,10 +50,9 @@ def load_config(default_config: str, argv: list[str] | None = None):
 
 
 def start_experiment(hparams: dict, hparams_file: str, overrides: str) -> None:
-    """The output folder with the resolved config and a log (rank 0 writes it)."""
-    distributed.run_on_main(fbrain.create_experiment_directory, kwargs=dict(
-        experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file,
-        overrides=overrides, copy_caller=False))
+    """The output folder with the resolved config and a log (rank 0 writes it, the others wait)."""
+    fbrain.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file,
+                                       overrides=overrides, copy_caller=False)
 
 
 class Curves:
