@@ -134,15 +134,10 @@ def test_imperative_fp16_scaler_matches_torch_gradscaler():
     assert float(brain.state.scaler.scale) == 2.0**14
 
 
-SCALE_BUG = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "ScalerView.scale casts the scale to the output's dtype (t * scale.to(t.dtype)); GradScaler multiplies by "
-    "its 0-dim float32 scale, so a 0-dim fp16 loss is scaled in float32 and cannot overflow"))
-
-
 @pytest.mark.parametrize("loss", [
     torch.tensor(0.25),
     torch.full((3,), 2.0, dtype=torch.float16),  # not 0-dim: the float32 scale does not promote it
-    pytest.param(torch.tensor(2.0, dtype=torch.float16), marks=SCALE_BUG),
+    torch.tensor(2.0, dtype=torch.float16),
 ], ids=["fp32", "fp16-vector", "fp16-0dim"])
 def test_scaler_view_scale_keeps_torch_dtypes(loss):
     brain = RegressionBrain({"model": small_mlp()}, opt_class=lambda p: torch.optim.SGD(p, lr=0.1),

@@ -46,7 +46,9 @@ def _resolved_yaml(path: str, overrides) -> str:
 
 
 def _log_exceptions(exc_type, exc_value, exc_traceback):
+    """Record an uncaught exception in the experiment's log, and still show it on stderr."""
     logger.error("Exception:", exc_info=(exc_type, exc_value, exc_traceback))
+    sys.__excepthook__(exc_type, exc_value, exc_traceback)
 
 
 def environment_description() -> str:

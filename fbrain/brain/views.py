@@ -155,7 +155,9 @@ class ScalerView:
         if not self._enabled:
             return outputs
         scale = self._brain.state.scaler.scale
-        return map_tensors(lambda t: t * scale.to(t.dtype), outputs)
+        # As GradScaler: multiply by the float32 scale, so torch's type promotion decides the result
+        # (a 0-dim fp16 loss is scaled in float32 and cannot overflow).
+        return map_tensors(lambda t: t * scale.to(t.device), outputs)
 
     @torch.no_grad()
     def unscale_(self, optimizer: OptimizerView) -> None:
