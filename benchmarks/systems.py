@@ -154,6 +154,12 @@ class FbrainBrain:
             def compute_objectives(self, predictions, batch, stage):
                 return loss_of(self.modules.model, batch)
 
+            def init_optimizers(self):
+                # fit() calls this every time; keep one optimizer so Adam's moments carry over
+                # (the SpeechBrain worker does the same).
+                if self.optimizer is None:
+                    super().init_optimizers()
+
             def on_fit_batch_end(self, batch, outputs, loss, should_step):
                 self.last_loss = loss  # read once, after the timing
 

@@ -470,3 +470,25 @@ def test_accumulation_of_padded_batches_of_different_lengths():
                   run_opts={"grad_accumulation_factor": 2, "noprogressbar": True})
     brain.fit(range(1), Manifest(data), train_loader_kwargs={"batch_size": 1})
     assert int(brain.state.counters.optimizer_step) == 3
+
+
+def test_fit_again_starts_a_fresh_optimizer_unless_init_optimizers_keeps_it():
+    # SpeechBrain's fit() creates new optimizers each time (fresh Adam moments); a recipe that keeps
+    # its optimizer in init_optimizers carries the moments over, so two fits equal one of both epochs.
+    class Keeping(RegressionBrain):
+        def init_optimizers(self):
+            if self.optimizer is None:
+                super().init_optimizers()
+
+    data = regression_data(4)
+    adam = lambda p: torch.optim.Adam(p, lr=0.01)  # noqa: E731
+    once = RegressionBrain({"model": linear()}, opt_class=adam, run_opts={"noprogressbar": True})
+    once.fit(range(1, 3), data, train_loader_kwargs={"batch_size": 2})
+    kept = Keeping({"model": linear()}, opt_class=adam, run_opts={"noprogressbar": True})
+    fresh = RegressionBrain({"model": linear()}, opt_class=adam, run_opts={"noprogressbar": True})
+    for brain in (kept, fresh):
+        brain.fit(range(1, 2), data, train_loader_kwargs={"batch_size": 2})
+        brain.fit(range(2, 3), data, train_loader_kwargs={"batch_size": 2})
+    assert int(kept.state.opt_state.count) == 4 and int(fresh.state.opt_state.count) == 2
+    assert all(torch.equal(kept.state.params[k], once.state.params[k]) for k in once.state.params)
+    assert not torch.equal(fresh.state.params["model.weight"], once.state.params["model.weight"])

@@ -384,7 +384,9 @@ class Brain:
         self._compile()
         self._wrap_distributed()
         self.init_optimizers()
-        self._adopt_optimizers()
+        # New torch optimizers get a fresh optimizer state (SpeechBrain's fit does the same); an
+        # init_optimizers that kept the previous ones (views already) keeps their state.
+        self._ensure_state()
         if self.checkpointer is not None and hasattr(self.checkpointer, "recover_if_possible"):
             self.checkpointer.recover_if_possible()
 
