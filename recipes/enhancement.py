@@ -75,7 +75,7 @@ class SEBrain(sb.Brain):
                 "stoi": float(stoi(out.double(), clean.double(), rate)),
                 "stoi_noisy": float(stoi(noisy.double(), clean.double(), rate)),
             })
-            if stage == sb.Stage.TEST and not self.measuring_untrained:
+            if stage == sb.Stage.TEST and not self.measuring_untrained and sb.distributed.is_main_process():
                 folder = self.hparams.enhanced_folder
                 os.makedirs(folder, exist_ok=True)
                 for name, wav in (("enhanced", out), ("noisy", noisy), ("clean", clean)):

@@ -97,7 +97,8 @@ class Separation(sb.Brain):
             baseline = si_snr(mix.unsqueeze(1), targets.transpose(1, 2)).mean(dim=1)
         for i, ident in enumerate(batch.id):
             self.scores.append({"id": ident, "si-snr": -float(loss[i]), "si-snri": -float(loss[i]) - float(baseline[i])})
-        if stage == sb.Stage.TEST and self.hparams.save_audio and self.audio_left > 0:
+        if stage == sb.Stage.TEST and self.hparams.save_audio and self.audio_left > 0 and \
+                sb.distributed.is_main_process():
             self.save_audio(batch.id[0], mixture.data[0], targets[0], predictions[0])
             self.audio_left -= 1
         return loss.mean().detach()
