@@ -49,10 +49,23 @@ def load_config(default_config: str, argv: list[str] | None = None):
     return hparams, run_opts, hparams_file, overrides
 
 
-def start_experiment(hparams: dict, hparams_file: str, overrides: str) -> None:
-    """The output folder with the resolved config and a log (rank 0 writes it, the others wait)."""
+def setup_run(default_config: str, argv, make_default_data) -> tuple[dict, dict]:
+    """``(hparams, run_opts)`` of a recipe run: the config read, the process group joined, the output
+    folder made (rank 0 writes it), and ``data_folder`` filled by ``make_default_data(folder=, seed=)``
+    when the config leaves it null."""
+    hparams, run_opts, hparams_file, overrides = load_config(default_config, argv)
+    fbrain.ddp_init_group(run_opts)
     fbrain.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file,
                                        overrides=overrides, copy_caller=False)
+    if hparams["data_folder"] is None:
+        hparams["data_folder"] = os.path.join(hparams["output_folder"], "data")
+        fbrain.run_on_main(make_default_data, kwargs={"folder": hparams["data_folder"], "seed": hparams["seed"]})
+    return hparams, run_opts
+
+
+def mean_of(scores: list[dict], key: str) -> float:
+    """The mean of ``key`` over per-example score rows (0.0 for none)."""
+    return sum(row[key] for row in scores) / max(len(scores), 1)
 
 
 class Curves:

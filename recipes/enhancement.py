@@ -31,7 +31,7 @@ import torchaudio.functional as AF
 import fbrain as sb
 from fbrain.audio import add_noise, read_audio, write_audio
 from fbrain.losses import mse_loss, stoi
-from fbrain.recipes.common import Curves, TimeBudget, load_config, start_experiment
+from fbrain.recipes.common import Curves, TimeBudget, mean_of, setup_run
 from fbrain.recipes.default_data import make_enhancement_data, wav_files
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class SEBrain(sb.Brain):
             self.train_data.set_epoch(epoch)  # this epoch's crops, noises and SNRs
 
     def _mean(self, key: str) -> float:
-        return sum(s[key] for s in self.scores) / max(len(self.scores), 1)
+        return mean_of(self.scores, key)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TRAIN:
@@ -202,13 +202,7 @@ def dataio_prep(hparams: dict):
 
 
 def main(argv=None) -> dict:
-    hparams, run_opts, hparams_file, overrides = load_config(CONFIG, argv)
-    sb.ddp_init_group(run_opts)
-    start_experiment(hparams, hparams_file, overrides)
-    if hparams["data_folder"] is None:
-        hparams["data_folder"] = os.path.join(hparams["output_folder"], "data")
-        sb.run_on_main(make_enhancement_data, kwargs={"folder": hparams["data_folder"], "seed": hparams["seed"],
-                                                       "sample_rate": hparams["sample_rate"]})
+    hparams, run_opts = setup_run(CONFIG, argv, make_enhancement_data)
     train, valid, test = dataio_prep(hparams)
 
     enhancer = SEBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,

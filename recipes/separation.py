@@ -26,7 +26,7 @@ import fbrain as sb
 from fbrain.audio import read_audio, write_audio
 from fbrain.losses import si_snr
 from fbrain.manifest import ManifestDataset, load_manifest
-from fbrain.recipes.common import Curves, TimeBudget, load_config, start_experiment
+from fbrain.recipes.common import Curves, TimeBudget, mean_of, setup_run
 from fbrain.recipes.default_data import make_separation_data
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class Separation(sb.Brain):
             self.audio_left = self.hparams.n_audio_to_save
 
     def _mean(self, key: str) -> float:
-        return sum(s[key] for s in self.scores) / max(len(self.scores), 1)
+        return mean_of(self.scores, key)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         stage_stats = {"si-snr": stage_loss}
@@ -233,12 +233,7 @@ def dataio_prep(hparams: dict):
 
 
 def main(argv=None) -> dict:
-    hparams, run_opts, hparams_file, overrides = load_config(CONFIG, argv)
-    sb.ddp_init_group(run_opts)
-    start_experiment(hparams, hparams_file, overrides)
-    if hparams["data_folder"] is None:
-        hparams["data_folder"] = os.path.join(hparams["output_folder"], "data")
-        sb.run_on_main(make_separation_data, kwargs={"folder": hparams["data_folder"], "seed": hparams["seed"]})
+    hparams, run_opts = setup_run(CONFIG, argv, make_separation_data)
     train, valid, test = dataio_prep(hparams)
     hparams["sample_rate"] = read_audio(test.rows[test.ids[0]]["mix_wav"])[1]
 

@@ -86,6 +86,13 @@ class Brain:
             ``ckpt_interval_steps`` steps or ``ckpt_interval_minutes`` minutes.
     """
 
+    #: The default fit_batch lets the step write the new parameters and optimizer state into the
+    #: old state's tensors (``make_train_step(donate_state=True)``), as torch optimizers update in
+    #: place: no copy of the weights and moments per step. A ``brain.state`` kept from before a step
+    #: then sees the update; copy it (``fbrain.tree.map_tensors(torch.clone, brain.state)``) to keep a
+    #: snapshot, or set ``donate_state = False`` on the Brain for steps that leave old states as they were.
+    donate_state = True
+
     def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
         if hparams is not None and not isinstance(hparams, Mapping):
             raise TypeError(f"hparams: expected a dict, got {type(hparams).__name__}")
@@ -482,6 +489,7 @@ class Brain:
             self._train_steps[key] = make_train_step(
                 self._train_loss_fn, self._layout.transformation(active), max_grad_norm=self.max_grad_norm,
                 precision=self.precision, accumulation=count, loss_scale=self._loss_scale,
+                donate_state=self.donate_state,
                 process_group=torch.distributed.group.WORLD if _distributed.active() else None)
         return self._train_steps[key]
 
