@@ -60,7 +60,13 @@ def machine(device: torch.device) -> dict:
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    # VmHWM is this process's own peak. ru_maxrss is not: Linux carries it over fork and exec, so
+    # a probe started by the (large) suite process would report the suite's size.
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # KiB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def measure_memory(workload: str, system: str, device: str, steps: int) -> float | None:
