@@ -21,6 +21,7 @@ Outputs in ``output_folder``: ``train_log.txt``, ``log.txt``, ``hyperparams.yaml
 from __future__ import annotations
 
 import csv
+import glob
 import logging
 import os
 import sys
@@ -175,11 +176,11 @@ def _load(path: str, rate: int) -> torch.Tensor:
 def dataio_prep(hparams: dict):
     """Train, valid and test sets from the clean and noise folders of ``data_folder``."""
     root, rate = hparams["data_folder"], hparams["sample_rate"]
-    clean_paths = [p for d in hparams["clean_dirs"] for p in wav_files(os.path.join(root, d))]
+    clean_paths = sorted({p for pattern in hparams["clean_globs"] for p in glob.glob(os.path.join(root, pattern))})
     noise_paths = wav_files(os.path.join(root, hparams["noise_dir"]))
     held_out = hparams["n_valid"] + hparams["n_test"]
     if len(clean_paths) <= held_out:
-        raise FileNotFoundError(f"{root}: found {len(clean_paths)} clean WAV files in {hparams['clean_dirs']}, "
+        raise FileNotFoundError(f"{root}: found {len(clean_paths)} clean WAV files matching {hparams['clean_globs']}, "
                                 f"need more than n_valid + n_test = {held_out}")
     if not noise_paths:
         raise FileNotFoundError(f"{root}/{hparams['noise_dir']}: no noise WAV files")

@@ -1,0 +1,99 @@
+"""Data-parallel scaling: one process against N torchrun ranks on the same global batch.
+
+    python -m benchmarks.data_parallel [--ranks 2] [--steps 30] [--workload convtasnet-small]
+
+Runs the pure train step of a suite workload (default: the small Conv-TasNet) once in a single
+process with every core, then under ``torchrun --nproc_per_node=N`` with the cores split between
+the ranks, each rank on its 1/N of the same global batch (gloo on CPU, nccl on CUDA). Prints
+milliseconds per step (median of the timed steps) and the speed-up; the final losses of the two
+runs are printed too (they agree to float rounding: the ranks average their gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+WORKER = "--worker"
+
+
+def worker(workload_name: str, steps: int, batch_scale: int) -> None:
+    import fbrain
+    from fbrain import optim
+    from fbrain.functional import call_with
+    from benchmarks.workloads import WORKLOADS
+
+    group = fbrain.distributed.init_from_environment()
+    rank = torch.distributed.get_rank() if group is not None else 0
+    world = torch.distributed.get_world_size() if group is not None else 1
+    workload = WORKLOADS[workload_name]
+    model = workload.build()
+    opt = optim.adam(1e-3)
+    state = fbrain.TrainState.create(model, opt)
+
+    def loss_fn(params, buffers, batch, rng):
+        loss, new_buffers = call_with(model, params, buffers, workload.loss, batch)
+        return loss, {"buffers": new_buffers}
+
+    step = fbrain.make_train_step(loss_fn, opt, process_group=group)
+
+    def global_batch(i):  # batch_scale workload batches side by side: the global batch
+        parts = [workload.batch(i * batch_scale + k) for k in range(batch_scale)]
+        return tuple(torch.cat(tensors) for tensors in zip(*parts))
+
+    def shard(batch):
+        n = batch[0].shape[0]
+        return tuple(t[rank * n // world:(rank + 1) * n // world] for t in batch)
+
+    batches = [shard(global_batch(i)) for i in range(steps + 3)]
+    times = []
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        if i >= 3:  # warm-up steps first
+            times.append(time.perf_counter() - start)
+    if rank == 0:
+        print(json.dumps({"ms_per_step": 1e3 * statistics.median(times), "loss": float(metrics["loss"]),
+                          "world": world, "threads": torch.get_num_threads()}))
+    if group is not None:
+        torch.distributed.destroy_process_group()
+
+
+def run(command: list[str], threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if sys.argv[1:2] == [WORKER]:
+        return worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.data_parallel", description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--workload", default="convtasnet-small")
+    parser.add_argument("--batch-scale", type=int, default=2, help="workload batches per global batch")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    job = [args.workload, str(args.steps), str(args.batch_scale)]
+    single = run([sys.executable, "-m", "benchmarks.data_parallel", WORKER, *job], threads=cores)
+    ranks = run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
+                 "-m", "benchmarks.data_parallel", WORKER, *job], threads=max(1, cores // args.ranks))
+    print(f"{args.workload}, global batch of {args.batch_scale} workload batches, {cores} cores, torch {torch.__version__}")
+    print(f"1 process ({single['threads']} threads): {single['ms_per_step']:.1f} ms/step, loss {single['loss']:.6g}")
+    print(f"{args.ranks} ranks ({ranks['threads']} threads each): {ranks['ms_per_step']:.1f} ms/step, "
+          f"loss {ranks['loss']:.6g}")
+    print(f"speed-up: {single['ms_per_step'] / ranks['ms_per_step']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
