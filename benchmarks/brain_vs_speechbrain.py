@@ -105,7 +105,7 @@ def main(argv=None):
         fb, sbm = summary(samples["fbrain"]), summary(samples["speechbrain"])
         print(f"{name:7s} fbrain {fb['median'] / n:9.1f} us/step   speechbrain {sbm['median'] / n:9.1f} us/step   "
               f"ratio {fb['median'] / sbm['median']:.2f}   (batches/epoch {n}; "
-              f"final losses {ours_brain.avg_train_loss:.6f} vs {theirs_brain.avg_train_loss:.6f})")
+              f"final losses {ours_brain.avg_train_loss:.4e} vs {theirs_brain.avg_train_loss:.4e})")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,16 @@ def check_state(state: Any) -> None:
             raise TypeError(f"params[{name!r}]: expected a floating-point tensor, got {what}")
 
 
+def both_finite(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``isfinite(a) & isfinite(b)`` for two scalars, in about half the time on the CPU.
+
+    ``x - x`` is exactly 0 for every finite ``x`` and NaN for inf and NaN, and a NaN survives the
+    sum; ``torch.isfinite`` is a composite of several kernels, which for one number costs more
+    than the arithmetic (a step's fixed cost matters for small models).
+    """
+    return (a - a) + (b - b) == 0
+
+
 class MicroBatches:
     """``k`` micro-batches kept apart, for ``accumulation=k`` when they cannot be stacked
     (padded batches of different lengths). A pytree node, so steps see the tensors inside.
@@ -248,7 +258,7 @@ class TrainStep:
             inv_scale = state.scaler.scale.double().reciprocal().float()
             grads = dict(zip(names, fe.mul(list(grads.values()), inv_scale)))
         grad_norm = global_norm(list(grads.values())) if grads else torch.zeros((), device=loss.device)
-        finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
+        finite = both_finite(grad_norm, loss)
         if self.max_grad_norm is not None and not self.per_example and grads:
             grads, _ = clip_grads_by_global_norm(grads, self.max_grad_norm, grad_norm)
 

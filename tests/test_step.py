@@ -467,3 +467,13 @@ def test_a_shorter_last_batch_with_fewer_ids_is_the_same_layout():
     state, _ = step(state, {"x": x[:2], "y": y[:2], "id": ["d", "e"]})
     with pytest.raises(TypeError, match="layout of tensors differs"):
         step(state, {"x": x, "y": y, "id": ["a"], "extra": x})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_both_finite_agrees_with_isfinite(dtype):
+    from fbrain.step import both_finite
+    values = [0.0, -0.0, 1.5, -3.0, 6e4 if dtype == torch.float16 else 3e38, float("inf"), float("-inf"), float("nan")]
+    for a in values:
+        for b in values:
+            ta, tb = torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype)
+            assert bool(both_finite(ta, tb)) == bool(torch.isfinite(ta) & torch.isfinite(tb)), (a, b)

@@ -40,7 +40,6 @@ from types import SimpleNamespace
 from typing import Any, Mapping
 
 import torch
-from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -58,6 +57,7 @@ from fbrain.brain.running_mean import RunningMean
 from fbrain.brain.stage import Stage
 from fbrain.brain.views import OptimizerView, ScalerView
 from fbrain.checkpoint.checkpointer import mark_as_loader, mark_as_saver
+from fbrain.functional import swapped
 from fbrain.loss_scale import DynamicLossScale
 from fbrain.optim.base import GradientTransformation
 from fbrain.optim.hyperparams import mirror_hyperparams, set_hyperparams
@@ -466,14 +466,14 @@ class Brain:
 
     def _train_loss_fn(self, params, buffers, batch, rng):
         # BatchNorm updates its running statistics in place: give it private copies, return them.
-        private = {n: b.clone() for n, b in buffers.items()}
-        with _reparametrize_module(self.modules, {**params, **private}, tie_weights=True):
+        tensors = {**params, **{n: b.clone() for n, b in buffers.items()}}
+        with swapped(self.modules, tensors, strict=False):
             outputs = self.compute_forward(batch, Stage.TRAIN)
             loss = self.compute_objectives(outputs, batch, Stage.TRAIN)
-        return loss, {"buffers": private, _OUTPUTS: outputs}
+        return loss, {"buffers": {n: tensors[n] for n in buffers}, _OUTPUTS: outputs}
 
     def _eval_loss_fn(self, params, buffers, batch, rng):
-        with _reparametrize_module(self.modules, {**params, **buffers}, tie_weights=True):
+        with swapped(self.modules, {**params, **buffers}, strict=False):
             outputs = self.compute_forward(batch, self._eval_stage)
             loss = self.compute_objectives(outputs, batch, self._eval_stage)
         return loss
