@@ -68,6 +68,7 @@ class _Slots:
                     seen.add(id(owner))
                     self.snapshot.append((owner, tuple(owner.items())))
         self.names = frozenset(self.param_names) | frozenset(self.buffer_names)
+        self.active = 0  # swaps in progress
 
     def still_valid(self) -> bool:
         return all(len(owner) == len(items) and all(owner.get(k) is v for k, v in items)
@@ -88,19 +89,22 @@ def _slots_of(module: torch.nn.Module) -> _Slots:
 def swapped(module: torch.nn.Module, tensors: dict[str, torch.Tensor], strict: bool = True) -> Iterator[None]:
     """Run a block with ``module``'s parameters and buffers replaced by ``tensors`` (by name).
 
-    Tied weights follow their canonical name (the one ``named_parameters()`` gives). On leaving,
-    the module gets its own tensors back, and a buffer the block reassigned (``self.count = ...``
-    rather than an in-place update) is written back into ``tensors``. With ``strict``, ``tensors``
-    must name exactly the module's parameters and buffers. Same semantics as
-    ``torch.func.functional_call(..., tie_weights=True)``, whose path is taken under
-    ``torch.compile``.
+    Semantics of ``torch.func.functional_call(..., tie_weights=True)``: tied weights follow their
+    canonical name (the first one ``named_parameters()`` gives); on leaving, the module gets its own
+    tensors back, and a buffer the block reassigned (``self.count = ...`` rather than an in-place
+    update) is written back into ``tensors``. Stricter in one way: ``tensors`` may only use
+    canonical names (an alias of a tied weight, or an unknown name, is an error); ``strict``
+    also requires every name. Under ``torch.compile``, and for a swap nested inside another swap
+    of the same module, torch's own reparametrisation does the work.
 
     Example::
 
         with swapped(model, {**params, **buffers}):
             out = model(x)
     """
-    if torch.compiler.is_compiling():
+    slots = _SLOTS.get(module)
+    if torch.compiler.is_compiling() or (slots is not None and slots.active):
+        # Nested: the module holds the outer swap's tensors, so its structure cannot be re-read.
         with _reparametrize_module(module, tensors, tie_weights=True, strict=strict):
             yield
         return
@@ -111,16 +115,19 @@ def swapped(module: torch.nn.Module, tensors: dict[str, torch.Tensor], strict: b
         if unexpected or missing:
             raise KeyError(f"tensors for {type(module).__name__}: unexpected {unexpected}, missing {missing}")
     originals = [owner[key] for owner, key, _ in slots.places]
+    given = [tensors.get(name) for _, _, name in slots.places]
+    slots.active += 1
     try:
-        for owner, key, name in slots.places:
-            if name in tensors:
-                owner[key] = tensors[name]
+        for (owner, key, _), tensor in zip(slots.places, given):
+            if tensor is not None:
+                owner[key] = tensor
         yield
     finally:
-        for (owner, key, name), original in zip(slots.places, originals):
-            current = owner[key]
+        slots.active -= 1
+        for (owner, key, name), original, tensor in zip(slots.places, originals, given):
+            current = owner.get(key)  # None if the block deleted it
             owner[key] = original
-            if name in tensors and current is not tensors[name]:
+            if tensor is not None and current is not tensor:  # reassigned inside the block
                 tensors[name] = current
 
 

@@ -158,3 +158,47 @@ def test_a_shared_submodule_returns_its_updated_buffers():
     assert int(new_buffers["norm.num_batches_tracked"]) == 1
     assert torch.all(new_buffers["norm.running_mean"] > 0.1)
     assert int(model.norm.num_batches_tracked) == 0 and torch.all(model.norm.running_mean == 0)
+
+
+class TiedBuffer(torch.nn.Module):
+    """One buffer registered in two modules, reassigned by the forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Module(), torch.nn.Module()
+        self.a.register_buffer("count", torch.zeros(()))
+        self.b.register_buffer("count", self.a.count)
+        self.lin = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        self.a.count = self.a.count + 1
+        return self.lin(x)
+
+
+def test_a_tied_buffer_reassigned_in_one_place_comes_back_updated():
+    model, x = TiedBuffer(), torch.randn(3, 2)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    _, new_buffers = fbrain.apply_module(model, params, {"a.count": torch.tensor(4.0)}, x)
+    assert float(new_buffers["a.count"]) == 5.0
+    assert model.a.count is model.b.count and float(model.a.count) == 0.0
+
+
+def test_a_swap_nested_in_a_swap_of_the_same_module():
+    model, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
+    outer, inner = new_tensors(model, seed=1), new_tensors(model, seed=2)
+    weight = model.weight
+    with swapped(model, dict(outer)):
+        with swapped(model, dict(inner)):
+            torch.testing.assert_close(model(x), x @ inner["weight"].t() + inner["bias"], rtol=0, atol=0)
+        torch.testing.assert_close(model(x), x @ outer["weight"].t() + outer["bias"], rtol=0, atol=0)
+    assert model.weight is weight
+    with swapped(model, dict(inner)):  # the cache still describes the module, not the outer tensors
+        assert model.weight is inner["weight"]
+
+
+def test_an_entry_deleted_inside_the_block_is_restored():
+    model = torch.nn.Linear(2, 2)
+    weight, bias = model.weight, model.bias
+    with swapped(model, new_tensors(model)):
+        del model.weight
+    assert model.weight is weight and model.bias is bias
