@@ -102,8 +102,8 @@ def swapped(module: torch.nn.Module, tensors: dict[str, torch.Tensor], strict: b
         with swapped(model, {**params, **buffers}):
             out = model(x)
     """
-    slots = _SLOTS.get(module)
-    if torch.compiler.is_compiling() or (slots is not None and slots.active):
+    # Dynamo cannot trace the cache (a WeakKeyDictionary): test for compiling before touching it.
+    if torch.compiler.is_compiling() or getattr(_SLOTS.get(module), "active", 0):
         # Nested: the module holds the outer swap's tensors, so its structure cannot be re-read.
         with _reparametrize_module(module, tensors, tie_weights=True, strict=strict):
             yield
