@@ -24,7 +24,8 @@ from typing import Any, BinaryIO, Callable, Iterator
 import torch
 
 from fbrain.checkpoint.restore import restore
-from fbrain.checkpoint.serialization import CheckpointError, read, write
+from fbrain.checkpoint.serialization import write
+from fbrain.checkpoint.streaming import read_file
 
 
 def fsync_dir(folder: str) -> None:
@@ -66,23 +67,9 @@ def save(path: str | os.PathLike, tree: Any) -> None:
     write_atomic(path, lambda out: write(tree, out))
 
 
-def _read_file(path: str) -> bytearray:
-    size = os.path.getsize(path)
-    buffer = bytearray(size)
-    with open(path, "rb", buffering=0) as f:
-        view = memoryview(buffer)
-        got = 0
-        while got < size:
-            n = f.readinto(view[got:])
-            if not n:
-                raise CheckpointError(f"{path}: file shrank while being read")
-            got += n
-    return buffer
-
-
 def load(path: str | os.PathLike, template: Any = None, device: torch.device | str | None = None) -> Any:
     """Read a checkpoint, verify its checksum, and restore it (strictly into ``template`` if given)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    return restore(read(_read_file(path), path), template, device)
+    return restore(read_file(path), template, device)

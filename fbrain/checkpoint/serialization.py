@@ -11,9 +11,10 @@ A file is a sequence of msgpack objects:
 4. a fixed-size trailer (extension code 9): where the tree starts and a CRC-32 of every byte
    before the trailer, which loading verifies before it decodes anything.
 
-Loading maps tensors straight onto the bytes read from the file, without copying them, except
-a tensor over 1 GiB: its chunks lie apart in the file (each behind its own bin header), so they
-are joined into one new tensor (one copy of that tensor). Only extension codes 1-3 and 9 are
+Loading bytes held in memory (:func:`read`, :func:`from_bytes`) maps tensors straight onto them,
+without copying, except a tensor over 1 GiB: its chunks lie apart (each behind its own bin header),
+so they are joined into one new tensor. Loading a file (:mod:`fbrain.checkpoint.streaming`) reads
+each tensor's bytes straight into that tensor's own memory. Only extension codes 1-3 and 9 are
 accepted, and named types come from a registry, so loading never runs code named by the file.
 
 Example::
@@ -36,6 +37,9 @@ from typing import Any, BinaryIO
 
 import msgpack
 import torch
+
+from fbrain.checkpoint import crc as crc_module
+from fbrain.checkpoint.crc import BackgroundCrc
 
 FORMAT = "fbrain"
 VERSION = 1
@@ -88,15 +92,15 @@ class _Writer:
 
     def __init__(self, out: BinaryIO):
         self.out = out
-        self.crc = 0
+        self.crc = BackgroundCrc()  # checksums a piece while the next one is written
         self.offset = 0
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
-        for start in range(0, len(view), CHUNK_BYTES):
-            part = view[start:start + CHUNK_BYTES]
+        for start in range(0, len(view), crc_module.PIECE_BYTES):
+            part = view[start:start + crc_module.PIECE_BYTES]
             self.out.write(part)
-            self.crc = zlib.crc32(part, self.crc)
+            self.crc.add(part)
         self.offset += len(view)
 
     def pad_to(self, boundary: int) -> None:
@@ -161,10 +165,13 @@ def write(tree: Any, out: BinaryIO) -> None:
     """Write ``tree`` to a binary file object (see :func:`fbrain.checkpoint.save` for files on disk)."""
     writer = _Writer(out)
     writer.write(_HEADER)
-    encoded = _write_tensors(tree, writer, "")
-    tree_offset = writer.offset
-    writer.write(msgpack.packb(encoded, default=_nested_ext))
-    payload = _TRAILER.pack(tree_offset, writer.crc)
+    try:
+        encoded = _write_tensors(tree, writer, "")
+        tree_offset = writer.offset
+        writer.write(msgpack.packb(encoded, default=_nested_ext))
+    finally:
+        crc = writer.crc.result()  # also stops the worker when writing failed
+    payload = _TRAILER.pack(tree_offset, crc)
     out.write(bytes([0xC7, len(payload), EXT_TRAILER]) + payload)
 
 
