@@ -33,7 +33,7 @@ import dataclasses
 import io
 import struct
 import zlib
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import msgpack
 import torch
@@ -222,14 +222,17 @@ def _check_envelope(buffer, name: str) -> int:
     return tree_offset
 
 
-def _decoder(buffer, name: str):
+def decoder(name: str, make_tensor: Callable[[torch.dtype, list, list], torch.Tensor]) -> Callable:
+    """The msgpack ``ext_hook`` for a checkpoint's tree; ``make_tensor(dtype, shape, spans)`` builds
+    each tensor from the file offsets of its bytes (``spans``: ``[start, length]`` pairs)."""
+
     def ext_hook(code: int, data: bytes):
         if code == EXT_TENSOR:
             dtype_name, shape, spans = msgpack.unpackb(data, raw=False)
             dtype = _DTYPES.get(dtype_name)
             if dtype is None:
                 raise CheckpointError(f"{name}: unknown tensor dtype {dtype_name!r}")
-            return _tensor(buffer, dtype, shape, spans, name)
+            return make_tensor(dtype, shape, spans)
         if code == EXT_TUPLE:
             return tuple(msgpack.unpackb(data, raw=False, ext_hook=ext_hook, strict_map_key=True))
         if code == EXT_NAMED:
@@ -264,8 +267,8 @@ def read(buffer: bytearray, name: str = "checkpoint") -> Any:
     """Decode a checkpoint held in a writable buffer; tensors share its memory."""
     tree_offset = _check_envelope(buffer, name)
     end = len(buffer) - TRAILER_BYTES
-    return msgpack.unpackb(memoryview(buffer)[tree_offset:end], raw=False, ext_hook=_decoder(buffer, name),
-                           strict_map_key=True)
+    ext_hook = decoder(name, lambda dtype, shape, spans: _tensor(buffer, dtype, shape, spans, name))
+    return msgpack.unpackb(memoryview(buffer)[tree_offset:end], raw=False, ext_hook=ext_hook, strict_map_key=True)
 
 
 def from_bytes(data: bytes, template: Any = None, device: torch.device | str | None = None) -> Any:

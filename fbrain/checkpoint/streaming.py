@@ -65,27 +65,20 @@ def _decode_tree(tree_bytes: bytes, tree_offset: int) -> tuple[Any, list[tuple[i
     """The tree with empty tensors, and where each tensor's bytes lie: ``(start, length, destination)``."""
     spans: list[tuple[int, int, memoryview]] = []
 
-    def ext_hook(code: int, data: bytes):
-        if code == s.EXT_TENSOR:
-            dtype_name, shape, tensor_spans = msgpack.unpackb(data, raw=False)
-            tensor = torch.empty(shape, dtype=s._DTYPES[dtype_name])
-            view = _byte_view(tensor) if tensor.numel() else memoryview(b"")
-            done = 0
-            for start, length in tensor_spans:
-                if length:
-                    spans.append((start, length, view[done:done + length]))
-                done += length
-            if done != len(view):
-                raise s.CheckpointError("tensor size does not match its bytes")
-            return tensor
-        if code == s.EXT_TUPLE:
-            return tuple(msgpack.unpackb(data, raw=False, ext_hook=ext_hook, strict_map_key=True))
-        if code == s.EXT_NAMED:
-            type_name, fields = msgpack.unpackb(data, raw=False, ext_hook=ext_hook)
-            return s._NAMED[type_name](**fields)
-        raise s.CheckpointError(f"extension type {code}")
+    def make_tensor(dtype: torch.dtype, shape: list[int], tensor_spans: list) -> torch.Tensor:
+        tensor = torch.empty(shape, dtype=dtype)
+        view = _byte_view(tensor) if tensor.numel() else memoryview(b"")
+        done = 0
+        for start, length in tensor_spans:
+            if length:
+                spans.append((start, length, view[done:done + length]))
+            done += length
+        if done != len(view):
+            raise s.CheckpointError("tensor size does not match its bytes")
+        return tensor
 
-    tree = msgpack.unpackb(tree_bytes, raw=False, ext_hook=ext_hook, strict_map_key=True)
+    tree = msgpack.unpackb(tree_bytes, raw=False, ext_hook=s.decoder("checkpoint", make_tensor),
+                           strict_map_key=True)
     spans.sort(key=lambda span: span[0])
     position = len(s._HEADER)
     for start, length, _ in spans:
