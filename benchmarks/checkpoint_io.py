@@ -5,7 +5,8 @@
 States: the enhancement template's BiLSTM masker (2.04 M params) with Adam moments, and a synthetic
 state of ``--big-params`` parameters with Adam moments. torch.save gets the same tensors as a nested
 dict. fbrain's save is atomic and fsyncs; torch.save is timed plain and followed by an fsync.
-Every timed operation starts after an ``os.sync()``, so none pays for another's dirty pages.
+Saves go to a new file (as the Checkpointer's do), plus one pair of rows for saving over an existing
+file. Every timed operation starts after an ``os.sync()``, so none pays for another's dirty pages.
 """
 
 from __future__ import annotations
@@ -57,19 +58,31 @@ def torch_save_fsync(obj, path):
         os.fsync(f.fileno())
 
 
+def remove(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
+
+
 def measure(name: str, state: fbrain.TrainState, folder: str, repeats: int) -> None:
     ours, theirs = os.path.join(folder, "s.fbrain"), os.path.join(folder, "s.pt")
     plain = as_dict(state)
-    runs = {"fbrain save": lambda: checkpoint.save(ours, state),
-            "torch.save": lambda: torch.save(plain, theirs),
-            "torch.save+fsync": lambda: torch_save_fsync(plain, theirs),
-            "fbrain load": lambda: checkpoint.load(ours, template=state),
-            "torch.load": lambda: torch.load(theirs, weights_only=True)}
+    # (preparation, timed operation). Saves go to a path with no file yet, as the Checkpointer's
+    # saves do (each checkpoint is a new CKPT+<time> folder), except the "over an existing file"
+    # rows: replacing a large file atomically costs more on some filesystems than overwriting it.
+    runs = {"fbrain save": (lambda: remove(ours), lambda: checkpoint.save(ours, state)),
+            "fbrain save over": (None, lambda: checkpoint.save(ours, state)),
+            "torch.save": (lambda: remove(theirs), lambda: torch.save(plain, theirs)),
+            "torch.save+fsync": (lambda: remove(theirs), lambda: torch_save_fsync(plain, theirs)),
+            "torch.save+fsync over": (None, lambda: torch_save_fsync(plain, theirs)),
+            "fbrain load": (None, lambda: checkpoint.load(ours, template=state)),
+            "torch.load": (None, lambda: torch.load(theirs, weights_only=True))}
     times = {k: [] for k in runs}
     for _ in range(repeats):
-        for label, fn in runs.items():  # interleaved
-            # Every operation starts from a clean page cache: no dirty pages left by the one before
-            # (which the next save or fsync would otherwise pay for, or skip by overwriting them).
+        for label, (prepare, fn) in runs.items():  # interleaved
+            if prepare is not None:
+                prepare()
+            # Every operation starts from a clean page cache: no dirty pages or pending block frees
+            # left by the one before (which the next save or fsync would otherwise pay for).
             os.sync()
             times[label].append(timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -77,10 +90,14 @@ def measure(name: str, state: fbrain.TrainState, folder: str, repeats: int) -> N
     n = sum(p.numel() for p in state.params.values())
     print(f"\n## {name} ({n / 1e6:.2f} M params + Adam moments)\n")
     print("| operation | median s | ratio |\n|---|---:|---:|")
-    print(f"| fbrain save (atomic, fsync) | {med['fbrain save']:.4f} | {med['fbrain save'] / med['torch.save+fsync']:.2f}x torch.save+fsync, "
+    print(f"| fbrain save (atomic, fsync), new file | {med['fbrain save']:.4f} | "
+          f"{med['fbrain save'] / med['torch.save+fsync']:.2f}x torch.save+fsync, "
           f"{med['fbrain save'] / med['torch.save']:.2f}x torch.save |")
-    print(f"| torch.save | {med['torch.save']:.4f} | |")
-    print(f"| torch.save + fsync | {med['torch.save+fsync']:.4f} | |")
+    print(f"| torch.save, new file | {med['torch.save']:.4f} | |")
+    print(f"| torch.save + fsync, new file | {med['torch.save+fsync']:.4f} | |")
+    print(f"| fbrain save over an existing file | {med['fbrain save over']:.4f} | "
+          f"{med['fbrain save over'] / med['torch.save+fsync over']:.2f}x torch.save+fsync over it |")
+    print(f"| torch.save + fsync over an existing file | {med['torch.save+fsync over']:.4f} | |")
     print(f"| fbrain load (verified, strict) | {med['fbrain load']:.4f} | {med['fbrain load'] / med['torch.load']:.2f}x torch.load |")
     print(f"| torch.load (weights_only) | {med['torch.load']:.4f} | |")
     print(f"| file size | {size_ours / 1e6:.2f} MB | {size_ours / size_theirs:.4f}x torch ({size_theirs / 1e6:.2f} MB) |")
