@@ -43,21 +43,15 @@ class _Slots:
         # (the owning dict, the key in it, the canonical name: the first name the tensor has in
         # named_parameters()/named_buffers() order, which is the name a state uses).
         self.places: list[tuple[dict, str, str]] = []
-        self.param_names: list[str] = []
-        self.buffer_names: list[str] = []
         self.snapshot: list[tuple[dict, tuple]] = []
         canonical: dict[int, str] = {}
         visited: set[tuple[int, str]] = set()  # a shared submodule's dicts are one place, whatever its names
         for prefix, sub in module.named_modules(remove_duplicate=False):
-            for kind, names in (("_parameters", self.param_names), ("_buffers", self.buffer_names)):
-                owner = getattr(sub, kind)
+            for owner in (sub._parameters, sub._buffers):
                 for key, tensor in owner.items():
                     if tensor is None:
                         continue
-                    full = f"{prefix}.{key}" if prefix else key
-                    if id(tensor) not in canonical:
-                        canonical[id(tensor)] = full
-                        names.append(full)
+                    canonical.setdefault(id(tensor), f"{prefix}.{key}" if prefix else key)
                     if (id(owner), key) not in visited:
                         visited.add((id(owner), key))
                         self.places.append((owner, key, canonical[id(tensor)]))
@@ -67,7 +61,7 @@ class _Slots:
                 if id(owner) not in seen:
                     seen.add(id(owner))
                     self.snapshot.append((owner, tuple(owner.items())))
-        self.names = frozenset(self.param_names) | frozenset(self.buffer_names)
+        self.names = frozenset(canonical.values())  # what a dict of tensors for this module must name
         self.active = 0  # swaps in progress
 
     def still_valid(self) -> bool:

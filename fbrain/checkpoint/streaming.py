@@ -30,20 +30,23 @@ from fbrain.checkpoint import serialization as s
 from fbrain.checkpoint import crc as crc_module
 from fbrain.checkpoint.crc import BackgroundCrc
 
+
 def _byte_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _read_exactly(f, view: memoryview, crc: BackgroundCrc) -> None:
+def _fill(f, view: memoryview, name: str, crc: BackgroundCrc | None = None) -> None:
+    """Read exactly ``len(view)`` bytes into ``view``, in pieces; each piece goes to ``crc`` if given."""
     for start in range(0, len(view), crc_module.PIECE_BYTES):
         piece = view[start:start + crc_module.PIECE_BYTES]
         got = 0
         while got < len(piece):
             n = f.readinto(piece[got:])
             if not n:
-                raise s.CheckpointError("file shrank while being read")
+                raise s.CheckpointError(f"{name}: file shrank while being read")
             got += n
-        crc.add(piece)
+        if crc is not None:
+            crc.add(piece)
 
 
 def _layout(f, size: int) -> tuple[int, int, bytes]:
@@ -97,10 +100,10 @@ def _read_streaming(path: str) -> Any:
         try:
             f.seek(0)
             for start, length, destination in spans:
-                _read_exactly(f, memoryview(bytearray(start - position)), crc)  # header, bin headers, padding
-                _read_exactly(f, destination, crc)
+                _fill(f, memoryview(bytearray(start - position)), path, crc)  # header, bin headers, padding
+                _fill(f, destination, path, crc)
                 position = start + length
-            _read_exactly(f, memoryview(bytearray(tree_offset - position)), crc)
+            _fill(f, memoryview(bytearray(tree_offset - position)), path, crc)
         finally:
             value = crc.result()
         if zlib.crc32(tree_bytes, value) != expected_crc:
@@ -109,16 +112,9 @@ def _read_streaming(path: str) -> Any:
 
 
 def _read_whole(path: str) -> bytearray:
-    size = os.path.getsize(path)
-    buffer = bytearray(size)
+    buffer = bytearray(os.path.getsize(path))
     with open(path, "rb", buffering=0) as f:
-        view = memoryview(buffer)
-        got = 0
-        while got < size:
-            n = f.readinto(view[got:])
-            if not n:
-                raise s.CheckpointError(f"{path}: file shrank while being read")
-            got += n
+        _fill(f, memoryview(buffer), path)
     return buffer
 
 
