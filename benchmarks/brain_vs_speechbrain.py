@@ -7,6 +7,11 @@ enhancement template's BiLSTM masker (``fbrain.models.SpectralMasker``, 2,042,75
 1e-4, batch 8 x 126 frames x 257). Both Brains run the same recipe from the same initial weights on
 the same pre-built batches, one epoch per call, interleaved (A B A B ...) so machine noise hits both.
 
+fbrain runs twice: as a recipe ports (eager steps) and with ``compile_steps=True`` (each step one
+torch.compile graph: forward, backward, clipping and update), on the tiny model only (torch.compile
+cannot trace the BiLSTM's nn.LSTM in torch 2.11). SpeechBrain runs eagerly; its ``compile`` option
+compiles modules only, which cannot remove the per-step Python around them that dominates here.
+
 SpeechBrain is imported in this process, but the global torch flags it changes (TF32) are restored
 right after the import, so both run with torch's defaults.
 """
@@ -46,6 +51,9 @@ def brain_class(base):
     return Recipe
 
 
+COMPILABLE = ("tiny",)  # torch 2.11's torch.compile refuses nn.LSTM
+
+
 def tiny_case(device):
     torch.manual_seed(0)
     model = torch.nn.Linear(10, 10)
@@ -72,12 +80,12 @@ def bilstm_case(device):
     return Masked(), batches, lambda p: torch.optim.Adam(p, lr=1e-4)
 
 
-def make_system(base, case, device, n_batches):
+def make_system(base, case, device, n_batches, **run_opts):
     model, batches, opt_class = case
     import copy
 
     brain = brain_class(base)({"model": copy.deepcopy(model)}, opt_class=opt_class,
-                              run_opts={"device": device, "noprogressbar": True})
+                              run_opts={"device": device, "noprogressbar": True, **run_opts})
     loader = batches * n_batches  # a list of ready batches: both Brains wrap it in a DataLoader
 
     def one_epoch():
@@ -101,15 +109,20 @@ def main(argv=None):
     for name in args.models.split(","):
         case = cases[name](args.device)
         n = args.batches if name == "tiny" else max(2, args.batches // 10)
-        ours, ours_brain = make_system(fbrain.Brain, case, args.device, n)
-        theirs, theirs_brain = make_system(speechbrain.Brain, case, args.device, n)
-        samples = interleaved({"fbrain": ours, "speechbrain": theirs}, steps=1, repeats=args.repeats,
-                              warmup=1, sync=sync)
-        fb, sbm = summary(samples["fbrain"]), summary(samples["speechbrain"])
-        print(f"{name:7s} fbrain {fb['median'] / n:9.1f} us/step   speechbrain {sbm['median'] / n:9.1f} us/step   "
-              f"ratio {fb['median'] / sbm['median']:.2f}   (batches/epoch {n}; "
-              f"epoch losses {ours_brain.last_stage_loss:.6e} vs {theirs_brain.last_stage_loss:.6e})")
-
+        systems, brains = {}, {}
+        variants = [("fbrain", fbrain.Brain, {}), ("speechbrain", speechbrain.Brain, {})]
+        if name in COMPILABLE:
+            variants.insert(1, ("fbrain-compile_steps", fbrain.Brain,
+                                {"compile_steps": True, "compile_mode": "default"}))
+        for label, base, run_opts in variants:
+            systems[label], brains[label] = make_system(base, case, args.device, n, **run_opts)
+        samples = interleaved(systems, steps=1, repeats=args.repeats, warmup=1, sync=sync)
+        theirs = summary(samples["speechbrain"])["median"]
+        print(f"\n## {name} ({n} batches per epoch)\n\n| system | us/step median | x speechbrain | epoch loss |")
+        print("|---|---:|---:|---:|")
+        for label, s in samples.items():
+            median = summary(s)["median"]
+            print(f"| {label} | {median / n:.1f} | {median / theirs:.2f} | {brains[label].last_stage_loss:.6e} |")
 
 if __name__ == "__main__":
     main()

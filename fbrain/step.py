@@ -383,6 +383,18 @@ class EvalStep:
         with _rng.scope(state.rng, _cuda_devices(state)):
             return self.pure(state, batch)
 
+    def compile(self, **compile_kwargs) -> Callable[[TrainState, Any], dict]:
+        """``torch.compile`` the step, keeping randomness a function of ``state.rng`` (as
+        :meth:`TrainStep.compile`)."""
+        compiled = torch.compile(self.pure, **compile_kwargs)
+
+        def compiled_step(state, batch):
+            check_state(state)
+            with _rng.scope(state.rng, _cuda_devices(state)):
+                return compiled(state, batch)
+
+        return compiled_step
+
 
 def make_eval_step(eval_fn: Callable, *, precision: str = "fp32") -> EvalStep:
     """A pure ``eval_step(state, batch) -> metrics``: the loss function without gradients."""

@@ -50,6 +50,7 @@ from fbrain import distributed as _distributed
 from fbrain.brain.binding import Binding
 from fbrain.brain.checkpointing import (INTRA_EPOCH_FLAG, IntraEpochSchedule, brain_record,
                                         restore_running_mean, skip_batches)
+from fbrain.brain.compiled_steps import CompiledOrEager
 from fbrain.brain.contexts import PrecisionContext
 from fbrain.brain.optimizers import OptimizerLayout, apply_grads, average_grads, twin_of_group
 from fbrain.brain.run_options import resolve_run_options
@@ -491,7 +492,13 @@ class Brain:
                 precision=self.precision, accumulation=count, loss_scale=self._loss_scale,
                 donate_state=self.donate_state,
                 process_group=torch.distributed.group.WORLD if _distributed.active() else None)
+            if self.compile_steps:
+                self._train_steps[key] = CompiledOrEager(self._train_steps[key], "train", **self._step_compile_kwargs())
         return self._train_steps[key]
+
+    def _step_compile_kwargs(self) -> dict:
+        return dict(mode=self.compile_mode, fullgraph=self.compile_using_fullgraph,
+                    dynamic=self.compile_using_dynamic_shape_tracing or None)
 
     def _run_train_step(self, batches: list):
         """One pure step on ``batches`` (micro-batches when more than one); returns (loss, outputs)."""
@@ -536,6 +543,8 @@ class Brain:
         """The loss of one batch with the pure eval step (``eval_precision``)."""
         if self._eval_step is None:
             self._eval_step = make_eval_step(self._eval_loss_fn, precision=self.eval_precision)
+            if self.compile_steps:
+                self._eval_step = CompiledOrEager(self._eval_step, "eval", **self._step_compile_kwargs())
         self._eval_stage = stage
         return self._eval_step(self.state, batch)["loss"].detach()
 

@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "compile_module_keys": None,
     "compile_mode": "reduce-overhead",
     "compile_using_fullgraph": False,
+    # fbrain's own: compile the default fit_batch's and evaluate_batch's whole pure steps.
+    "compile_steps": False,
     "distributed_backend": "nccl",
     "find_unused_parameters": False,
     "tqdm_colored_bar": False,
@@ -72,6 +74,7 @@ HELP = {
     "compile": "torch.compile the modules",
     "compile_mode": "torch.compile mode",
     "compile_using_fullgraph": "torch.compile with fullgraph=True",
+    "compile_steps": "torch.compile the whole train and eval steps (forward, backward, clipping, update)",
     "distributed_backend": "nccl, gloo or mpi",
     "find_unused_parameters": "DDP's find_unused_parameters",
     "tqdm_colored_bar": "colour the progress bars",

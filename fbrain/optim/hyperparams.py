@@ -79,15 +79,17 @@ def remember(t: torch.Tensor, value: float | None = None) -> torch.Tensor:
     what ``float(t)`` gives), otherwise read once (so call it outside a step). Returns ``t``."""
     if t.device.type == "cpu" and t.numel() == 1 and _version(t) is not None:
         key = id(t)
-        ref = weakref.ref(t, lambda _, key=key: _forget(key, ref))
+        # Defaults bind the function and dict now: at interpreter exit module globals may be gone
+        # before the last tensors die.
+        ref = weakref.ref(t, lambda _, key=key, forget=_forget, mirror=_MIRROR: forget(key, ref, mirror))
         _MIRROR[key] = (ref, _version(t), float(t) if value is None else float(value))
     return t
 
 
-def _forget(key: int, ref) -> None:
-    entry = _MIRROR.get(key)
+def _forget(key: int, ref, mirror: dict) -> None:
+    entry = mirror.get(key)
     if entry is not None and entry[0] is ref:
-        del _MIRROR[key]
+        del mirror[key]
 
 
 def mirrored(t: torch.Tensor) -> float | None:
