@@ -150,6 +150,32 @@ def structure(batch: Any) -> Any:
     return (node.__qualname__, keys, inner)
 
 
+# torch.compile wrappers, one per (function, options). Making one copies torch's whole compiler
+# configuration (milliseconds), and the Brain builds new steps at every fit; the compiled code
+# itself is cached by torch per code object, with guards on the step's settings.
+_COMPILED: dict = {}
+
+
+def compiled_function(fn: Callable, compile_kwargs: dict) -> Callable:
+    """``torch.compile(fn, **compile_kwargs)``, made once per distinct options."""
+    try:
+        key = (fn, tuple(sorted(compile_kwargs.items())))
+        hash(key)
+    except TypeError:  # unhashable options (a dict of inductor options): no sharing
+        return torch.compile(fn, **compile_kwargs)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, **compile_kwargs)
+    return _COMPILED[key]
+
+
+def _train_pure(step: "TrainStep", state: TrainState, batch: Any):
+    return step.pure(state, batch, use_func=True)
+
+
+def _eval_pure(step: "EvalStep", state: TrainState, batch: Any):
+    return step.pure(state, batch)
+
+
 class TrainStep:
     """The pure train step built by :func:`make_train_step`; call it as ``step(state, batch)``."""
 
@@ -207,12 +233,12 @@ class TrainStep:
 
         Keyword arguments go to ``torch.compile`` (e.g. ``fullgraph=True, mode="max-autotune"``).
         """
-        compiled = torch.compile(functools.partial(self.pure, use_func=True), **compile_kwargs)
+        compiled = compiled_function(_train_pure, compile_kwargs)
 
         def compiled_step(state, batch):
             self._check(state, batch)
             with _rng.scope(state.rng, _cuda_devices(state)) as out:
-                new_state, metrics = compiled(state, batch)
+                new_state, metrics = compiled(self, state, batch)
             return new_state.replace(rng=out.key), metrics
 
         return compiled_step
@@ -386,12 +412,12 @@ class EvalStep:
     def compile(self, **compile_kwargs) -> Callable[[TrainState, Any], dict]:
         """``torch.compile`` the step, keeping randomness a function of ``state.rng`` (as
         :meth:`TrainStep.compile`)."""
-        compiled = torch.compile(self.pure, **compile_kwargs)
+        compiled = compiled_function(_eval_pure, compile_kwargs)
 
         def compiled_step(state, batch):
             check_state(state)
             with _rng.scope(state.rng, _cuda_devices(state)):
-                return compiled(state, batch)
+                return compiled(self, state, batch)
 
         return compiled_step
 
