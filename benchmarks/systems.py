@@ -164,8 +164,12 @@ class FbrainBrain:
                 self.last_loss = loss  # read once, after the timing
 
         self.brain = Timed(modules={"model": workload.build()}, opt_class=lambda p: torch.optim.Adam(p, lr=LR),
-                           run_opts={"device": str(device), "noprogressbar": True, "max_grad_norm": NO_CLIP})
+                           run_opts={"device": str(device), "noprogressbar": True, "max_grad_norm": NO_CLIP,
+                                     **self.run_options(device)})
         self.epoch = 0
+
+    def run_options(self, device) -> dict:
+        return {}
 
     def run(self, steps: int) -> float:
         loader = torch.utils.data.DataLoader([self.batches[self.i + k] for k in range(steps)], batch_size=None)
@@ -179,6 +183,16 @@ class FbrainBrain:
 
     def loss(self) -> float:
         return float(self.brain.last_loss.detach())
+
+
+class FbrainBrainCompiled(FbrainBrain):
+    """The same Brain with ``compile_steps=True``: each step one torch.compile graph (a step that
+    cannot compile, the BiLSTM's, runs eagerly after a warning)."""
+
+    name = "fbrain-brain-compiled"
+
+    def run_options(self, device) -> dict:
+        return {"compile_steps": True, "compile_mode": "reduce-overhead" if device.type == "cuda" else "default"}
 
 
 class SpeechBrainWorker:
@@ -223,4 +237,5 @@ class SpeechBrainWorker:
             self.proc.wait(timeout=60)
 
 
-SYSTEMS = [TorchLoop, SpeechBrainWorker, FbrainBrain, FbrainStep, FbrainStepCompiled, ForwardBackward]
+SYSTEMS = [TorchLoop, SpeechBrainWorker, FbrainBrain, FbrainBrainCompiled, FbrainStep, FbrainStepCompiled,
+           ForwardBackward]
