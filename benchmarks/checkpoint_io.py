@@ -6,13 +6,16 @@ States: the enhancement template's BiLSTM masker (2.04 M params) with Adam momen
 state of ``--big-params`` parameters with Adam moments. torch.save gets the same tensors as a nested
 dict. fbrain's save is atomic and fsyncs; torch.save is timed plain and followed by an fsync.
 Saves go to a new file (as the Checkpointer's do), plus one pair of rows for saving over an existing
-file. Every timed operation starts after an ``os.sync()``, so none pays for another's dirty pages.
+file, and one pair for a checkpointing cycle: fbrain's ``Checkpointer.save_and_keep_only`` against
+SpeechBrain's pattern (torch.save into a new folder, then the previous folder deleted). Every timed operation starts after an ``os.sync()``, so none pays for another's dirty pages.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -63,9 +66,38 @@ def remove(path: str) -> None:
         os.remove(path)
 
 
+class TorchFolders:
+    """What SpeechBrain's Checkpointer does on each save_and_keep_only(num_to_keep=1): torch.save
+    into a new folder, then delete the previous folder (here with an fsync, as fbrain's has)."""
+
+    def __init__(self, root: str, tree: dict):
+        self.root, self.tree, self.count, self.previous = root, tree, 0, None
+        os.makedirs(root, exist_ok=True)
+
+    def save_and_keep_only(self) -> None:
+        self.count += 1
+        folder = os.path.join(self.root, f"CKPT+{self.count}")
+        os.mkdir(folder)
+        torch_save_fsync(self.tree, os.path.join(folder, "state.ckpt"))
+        if self.previous is not None:
+            shutil.rmtree(self.previous)
+        self.previous = folder
+
+
+def fbrain_checkpointer(root: str, state: fbrain.TrainState) -> checkpoint.Checkpointer:
+    """An fbrain Checkpointer holding ``state`` as its one recoverable."""
+    ckpt = checkpoint.Checkpointer(root)
+    ckpt.add_recoverable("state", state, custom_save_hook=lambda obj, path: checkpoint.save(path, obj),
+                         custom_load_hook=lambda obj, path, end_of_epoch: None)
+    return ckpt
+
+
 def measure(name: str, state: fbrain.TrainState, folder: str, repeats: int) -> None:
     ours, theirs = os.path.join(folder, "s.fbrain"), os.path.join(folder, "s.pt")
     plain = as_dict(state)
+    cycles = tempfile.mkdtemp(dir=folder)  # each state its own checkpoint folders
+    ours_ckpt = fbrain_checkpointer(os.path.join(cycles, "fbrain"), state)
+    theirs_ckpt = TorchFolders(os.path.join(cycles, "torch"), plain)
     # (preparation, timed operation). Saves go to a path with no file yet, as the Checkpointer's
     # saves do (each checkpoint is a new CKPT+<time> folder), except the "over an existing file"
     # rows: replacing a large file atomically costs more on some filesystems than overwriting it.
@@ -74,6 +106,8 @@ def measure(name: str, state: fbrain.TrainState, folder: str, repeats: int) -> N
             "torch.save": (lambda: remove(theirs), lambda: torch.save(plain, theirs)),
             "torch.save+fsync": (lambda: remove(theirs), lambda: torch_save_fsync(plain, theirs)),
             "torch.save+fsync over": (None, lambda: torch_save_fsync(plain, theirs)),
+            "fbrain cycle": (None, lambda: ours_ckpt.save_and_keep_only(num_to_keep=1, verbosity=logging.DEBUG)),
+            "torch cycle": (None, theirs_ckpt.save_and_keep_only),
             "fbrain load": (None, lambda: checkpoint.load(ours, template=state)),
             "torch.load": (None, lambda: torch.load(theirs, weights_only=True))}
     times = {k: [] for k in runs}
@@ -98,6 +132,10 @@ def measure(name: str, state: fbrain.TrainState, folder: str, repeats: int) -> N
     print(f"| fbrain save over an existing file | {med['fbrain save over']:.4f} | "
           f"{med['fbrain save over'] / med['torch.save+fsync over']:.2f}x torch.save+fsync over it |")
     print(f"| torch.save + fsync over an existing file | {med['torch.save+fsync over']:.4f} | |")
+    print(f"| fbrain Checkpointer.save_and_keep_only (new folder, old one deleted) | {med['fbrain cycle']:.4f} | "
+          f"{med['fbrain cycle'] / med['torch cycle']:.2f}x torch.save+fsync cycle |")
+    print(f"| torch.save + fsync into a new folder, old one deleted (SpeechBrain's cycle) | "
+          f"{med['torch cycle']:.4f} | |")
     print(f"| fbrain load (verified, strict) | {med['fbrain load']:.4f} | {med['fbrain load'] / med['torch.load']:.2f}x torch.load |")
     print(f"| torch.load (weights_only) | {med['torch.load']:.4f} | |")
     print(f"| file size | {size_ours / 1e6:.2f} MB | {size_ours / size_theirs:.4f}x torch ({size_theirs / 1e6:.2f} MB) |")

@@ -105,7 +105,12 @@ class TrainState:
 
     def replace(self, **changes) -> "TrainState":
         """A copy with some fields replaced (the fields themselves are shared, not copied)."""
-        return dataclasses.replace(self, **changes)
+        # Not dataclasses.replace: it reads the class's field table, which torch.compile then
+        # re-checks in Python before every call of a compiled step.
+        unknown = [name for name in changes if name not in _FIELDS]
+        if unknown:
+            raise TypeError(f"TrainState.replace: unknown fields {sorted(unknown)}; fields are {list(_FIELDS)}")
+        return TrainState(*(changes[f] if f in changes else getattr(self, f) for f in _FIELDS))
 
     def to(self, device: torch.device | str) -> "TrainState":
         """The same state with every tensor on ``device`` (the RNG key stays on the CPU)."""
@@ -118,3 +123,6 @@ class TrainState:
     @property
     def step(self) -> torch.Tensor:
         return self.counters.step
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(TrainState))

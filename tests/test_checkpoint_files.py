@@ -193,6 +193,25 @@ def test_a_failed_save_leaves_the_previous_file_and_no_leftovers(tmp_path, monke
     assert sorted(os.listdir(tmp_path)) == ["s.fbrain"]
 
 
+def test_saving_over_a_file_first_releases_its_cached_pages_and_keeps_it_until_the_rename(tmp_path, monkeypatch):
+    from fbrain.checkpoint import files
+
+    path = tmp_path / "s.fbrain"
+    checkpoint.save(path, {"w": torch.zeros(10)})
+    released, original = [], files.release_cached_pages
+
+    def spy(target):
+        released.append(target)
+        original(target)
+        assert checkpoint.load(target)["w"].eq(0).all()  # the old version is whole and readable
+
+    monkeypatch.setattr(files, "release_cached_pages", spy)
+    checkpoint.save(path, {"w": torch.ones(10)})
+    assert released == [str(path)]
+    assert checkpoint.load(path)["w"].eq(1).all()
+    original(str(tmp_path / "missing.fbrain"))  # no file: nothing to do
+
+
 def test_loading_a_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.fbrain"):
         checkpoint.load(tmp_path / "nope.fbrain")
