@@ -7,7 +7,8 @@ state of ``--big-params`` parameters with Adam moments. torch.save gets the same
 dict. fbrain's save is atomic and fsyncs; torch.save is timed plain and followed by an fsync.
 Saves go to a new file (as the Checkpointer's do), plus one pair of rows for saving over an existing
 file, and one pair for a checkpointing cycle: fbrain's ``Checkpointer.save_and_keep_only`` against
-SpeechBrain's pattern (torch.save into a new folder, then the previous folder deleted). Every timed operation starts after an ``os.sync()``, so none pays for another's dirty pages.
+SpeechBrain's pattern (torch.save into a new folder, then the previous folder deleted). Every timed operation starts after an ``os.sync()`` with no benchmark file in the page cache, so
+none pays for another's dirty pages or profits from the pages another freed (loads read from disk).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 import fbrain
 from fbrain import checkpoint, optim
+from fbrain.checkpoint.files import release_cached_pages
 from fbrain.models import SpectralMasker
 
 
@@ -59,6 +61,13 @@ def torch_save_fsync(obj, path):
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def drop_page_cache(folder: str) -> None:
+    """Drop the (clean, after os.sync) cached pages of every file under ``folder``."""
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            release_cached_pages(os.path.join(parent, name))
 
 
 def remove(path: str) -> None:
@@ -115,9 +124,13 @@ def measure(name: str, state: fbrain.TrainState, folder: str, repeats: int) -> N
         for label, (prepare, fn) in runs.items():  # interleaved
             if prepare is not None:
                 prepare()
-            # Every operation starts from a clean page cache: no dirty pages or pending block frees
-            # left by the one before (which the next save or fsync would otherwise pay for).
+            # Every operation starts from the same place: no dirty pages or pending block frees left
+            # by the one before (the next fsync would pay for them), and none of the files cached.
+            # A write needs free pages; recently freed ones are reused cheaply, while memory not
+            # used before costs several times more on a virtual machine, so an operation that ran
+            # right after another freed 1 GB of cache would otherwise look faster than it is.
             os.sync()
+            drop_page_cache(folder)
             times[label].append(timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
     size_ours, size_theirs = os.path.getsize(ours), os.path.getsize(theirs)
