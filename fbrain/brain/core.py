@@ -497,8 +497,7 @@ class Brain:
         return self._train_steps[key]
 
     def _step_compile_kwargs(self) -> dict:
-        return dict(mode=self.compile_mode, fullgraph=self.compile_using_fullgraph,
-                    dynamic=self.compile_using_dynamic_shape_tracing or None)
+        return dict(mode=self.compile_mode, dynamic=self.compile_using_dynamic_shape_tracing or None)
 
     def _run_train_step(self, batches: list):
         """One pure step on ``batches`` (micro-batches when more than one); returns (loss, outputs)."""
