@@ -155,6 +155,17 @@ def scalar(value: torch.Tensor, like: list[torch.Tensor]) -> torch.Tensor:
     return value.to(dtype)
 
 
+def computed_once(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``values`` (0-dim tensors of one dtype) held in one small buffer, so that a compiled update
+    computes them once per step.
+
+    Inductor inlines cheap scalar arithmetic into every elementwise loop that reads it, and a scalar
+    ``pow`` then runs once per vector of every parameter: Adam's bias corrections made a compiled
+    MLP update 3.6x slower (827 us against 232 us). A ``stack`` is not inlined.
+    """
+    return tuple(torch.stack(values).unbind(0))
+
+
 def validate(name: str, value: Hyperparam, low: float = 0.0, high: float | None = None) -> None:
     """Reject a constant hyperparameter outside ``[low, high)`` (schedules are checked by the user)."""
     if callable(value):
