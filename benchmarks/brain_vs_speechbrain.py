@@ -124,5 +124,6 @@ def main(argv=None):
             median = summary(s)["median"]
             print(f"| {label} | {median / n:.1f} | {median / theirs:.2f} | {brains[label].last_stage_loss:.6e} |")
 
+
 if __name__ == "__main__":
     main()

@@ -7,8 +7,9 @@ state of ``--big-params`` parameters with Adam moments. torch.save gets the same
 dict. fbrain's save is atomic and fsyncs; torch.save is timed plain and followed by an fsync.
 Saves go to a new file (as the Checkpointer's do), plus one pair of rows for saving over an existing
 file, and one pair for a checkpointing cycle: fbrain's ``Checkpointer.save_and_keep_only`` against
-SpeechBrain's pattern (torch.save into a new folder, then the previous folder deleted). Every timed operation starts after an ``os.sync()`` with no benchmark file in the page cache, so
-none pays for another's dirty pages or profits from the pages another freed (loads read from disk).
+SpeechBrain's pattern (torch.save into a new folder, then the previous folder deleted). Every timed
+operation starts after an ``os.sync()`` with no benchmark file in the page cache, so none pays for
+another's dirty pages or profits from the pages another freed (loads read from disk).
 """
 
 from __future__ import annotations

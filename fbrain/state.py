@@ -110,7 +110,7 @@ class TrainState:
         unknown = [name for name in changes if name not in _FIELDS]
         if unknown:
             raise TypeError(f"TrainState.replace: unknown fields {sorted(unknown)}; fields are {list(_FIELDS)}")
-        return TrainState(*(changes[f] if f in changes else getattr(self, f) for f in _FIELDS))
+        return type(self)(*(changes[f] if f in changes else getattr(self, f) for f in _FIELDS))
 
     def to(self, device: torch.device | str) -> "TrainState":
         """The same state with every tensor on ``device`` (the RNG key stays on the CPU)."""

@@ -29,12 +29,15 @@ Example::
 from __future__ import annotations
 
 import functools
+import itertools
+import types
 from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
 
 from fbrain import rng as _rng
+from fbrain.compiled_dropout import NativeDropout
 from fbrain.distributed import mean_across_ranks
 from fbrain.gradients import loss_and_grads, per_example_loss_and_grads, split_loss
 from fbrain.loss_scale import DynamicLossScale
@@ -150,30 +153,33 @@ def structure(batch: Any) -> Any:
     return (node.__qualname__, keys, inner)
 
 
-# torch.compile wrappers, one per (function, options). Making one copies torch's whole compiler
-# configuration (milliseconds), and the Brain builds new steps at every fit; the compiled code
-# itself is cached by torch per code object, with guards on the step's settings.
-_COMPILED: dict = {}
-
-
-def compiled_function(fn: Callable, compile_kwargs: dict) -> Callable:
-    """``torch.compile(fn, **compile_kwargs)``, made once per distinct options."""
-    try:
-        key = (fn, tuple(sorted(compile_kwargs.items())))
-        hash(key)
-    except TypeError:  # unhashable options (a dict of inductor options): no sharing
-        return torch.compile(fn, **compile_kwargs)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, **compile_kwargs)
-    return _COMPILED[key]
-
-
 def _train_pure(step: "TrainStep", state: TrainState, batch: Any):
-    return step.pure(state, batch, use_func=True)
+    with NativeDropout():  # see fbrain.compiled_dropout: torch 2.11 mis-compiles CPU dropout here
+        return step.pure(state, batch, use_func=True)
 
 
 def _eval_pure(step: "EvalStep", state: TrainState, batch: Any):
-    return step.pure(state, batch)
+    with NativeDropout():
+        return step.pure(state, batch)
+
+
+_copies = itertools.count()
+
+
+def compile_pure(kind: str, **compile_kwargs) -> Callable:
+    """``torch.compile`` of a fresh copy of the function that runs a ``kind`` ("train" or "eval")
+    step's ``pure``; call it as ``compiled(step, state, batch)``.
+
+    torch.compile keeps compiled graphs, its recompile budget and the shapes it has seen per code
+    object, so each copy has its own: unrelated steps never share them. One compiled function can
+    serve successive steps of the same kind (the Brain builds new steps at every fit; making a
+    wrapper copies torch's whole compiler configuration, milliseconds): guards on the step's
+    settings pick or make the right graph.
+    """
+    template = {"train": _train_pure, "eval": _eval_pure}[kind]
+    code = template.__code__.replace(co_name=f"{template.__name__}_{next(_copies)}")
+    fresh = types.FunctionType(code, template.__globals__, code.co_name)
+    return torch.compile(fresh, **compile_kwargs)
 
 
 class TrainStep:
@@ -233,15 +239,14 @@ class TrainStep:
 
         Keyword arguments go to ``torch.compile`` (e.g. ``fullgraph=True, mode="max-autotune"``).
         """
-        compiled = compiled_function(_train_pure, compile_kwargs)
+        return functools.partial(self.run_compiled, compile_pure("train", **compile_kwargs))
 
-        def compiled_step(state, batch):
-            self._check(state, batch)
-            with _rng.scope(state.rng, _cuda_devices(state)) as out:
-                new_state, metrics = compiled(self, state, batch)
-            return new_state.replace(rng=out.key), metrics
-
-        return compiled_step
+    def run_compiled(self, compiled: Callable, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        """One step through ``compiled`` (from :func:`compile_pure`), randomness from ``state.rng``."""
+        self._check(state, batch)
+        with _rng.scope(state.rng, _cuda_devices(state)) as out:
+            new_state, metrics = compiled(self, state, batch)
+        return new_state.replace(rng=out.key), metrics
 
     def _check(self, state, batch) -> None:
         check_state(state)
@@ -412,14 +417,13 @@ class EvalStep:
     def compile(self, **compile_kwargs) -> Callable[[TrainState, Any], dict]:
         """``torch.compile`` the step, keeping randomness a function of ``state.rng`` (as
         :meth:`TrainStep.compile`)."""
-        compiled = compiled_function(_eval_pure, compile_kwargs)
+        return functools.partial(self.run_compiled, compile_pure("eval", **compile_kwargs))
 
-        def compiled_step(state, batch):
-            check_state(state)
-            with _rng.scope(state.rng, _cuda_devices(state)):
-                return compiled(self, state, batch)
-
-        return compiled_step
+    def run_compiled(self, compiled: Callable, state: TrainState, batch: Any) -> dict:
+        """One evaluation through ``compiled`` (from :func:`compile_pure`)."""
+        check_state(state)
+        with _rng.scope(state.rng, _cuda_devices(state)):
+            return compiled(self, state, batch)
 
 
 def make_eval_step(eval_fn: Callable, *, precision: str = "fp32") -> EvalStep:

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import fbrain
-from fbrain.brain.compiled_steps import CompiledOrEager
 from fbrain import optim
 
 QUIET = {"noprogressbar": True, "device": "cpu"}
@@ -624,18 +623,21 @@ class NormedBrain(fbrain.Brain):
         self.losses.append(float(loss))
 
 
-def _steps_run(run_opts, dropout=0.0, brain_class=NormedBrain):
+STEPS_DATA = regression_data(24, seed=7)
+COMPILED = {"compile_steps": True, "compile_mode": "default"}
+
+
+def _steps_run(run_opts, dropout=0.0, brain_class=NormedBrain, seed=0):
     torch.manual_seed(3)
     # No bias before the BatchNorm: its gradient is rounding noise, which Adam would amplify.
     model = torch.nn.Sequential(torch.nn.Linear(4, 16, bias=False), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
                                 torch.nn.Dropout(dropout), torch.nn.Linear(16, 1))
     brain = brain_class({"model": model}, opt_class=lambda p: torch.optim.Adam(p, lr=0.05),
-                        run_opts={**QUIET, **run_opts})
+                        hparams={"seed": seed}, run_opts={**QUIET, **run_opts})
     brain.losses = []
-    data = regression_data(24, seed=7)
-    brain.fit(range(2), data, valid_set=data[:8], train_loader_kwargs={"batch_size": 4},
+    brain.fit(range(2), STEPS_DATA, valid_set=STEPS_DATA[:8], train_loader_kwargs={"batch_size": 4},
               valid_loader_kwargs={"batch_size": 4})
-    return brain, brain.evaluate(data, test_loader_kwargs={"batch_size": 8})
+    return brain, brain.evaluate(STEPS_DATA, test_loader_kwargs={"batch_size": 8})
 
 
 def test_compile_steps_compiles_the_whole_step_and_gives_the_eager_results():
@@ -644,23 +646,37 @@ def test_compile_steps_compiles_the_whole_step_and_gives_the_eager_results():
     torch._dynamo.reset()
     eager, eager_test = _steps_run({})
     torch._dynamo.utils.counters.clear()
-    compiled, compiled_test = _steps_run({"compile_steps": True, "compile_mode": "default"})
+    compiled, compiled_test = _steps_run(COMPILED)
     # Each step is captured whole, with no graph break: one graph for the train step, two for the
     # eval step (validation batches of 4, test batches of 8).
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
     assert not torch._dynamo.utils.counters["graph_break"]
-    assert isinstance(compiled._train_steps[(1, None)], CompiledOrEager)
-    assert compiled._train_steps[(1, None)]._call is not compiled._train_steps[(1, None)].eager  # no fallback
+    assert not any(c.failed for c in compiled._step_compilers.values()) and len(compiled._step_compilers) == 2
     assert len(compiled.losses) == 12 and abs(eager.losses[0] - eager.losses[-1]) > 1e-3
     assert max(abs(a - b) for a, b in zip(compiled.losses, eager.losses)) < 1e-5
     assert compiled_test == pytest.approx(eager_test, abs=1e-5)
     assert_params_close(eager.state.params, compiled.state.params, atol=1e-5)
     assert_params_close(eager.state.buffers, compiled.state.buffers, atol=1e-5)  # BatchNorm statistics
     assert int(compiled.state.counters.optimizer_step) == 12
-    # Dropout in a compiled step draws from the state's key too: two runs agree exactly.
-    first, _ = _steps_run({"compile_steps": True, "compile_mode": "default"}, dropout=0.3)
-    again, _ = _steps_run({"compile_steps": True, "compile_mode": "default"}, dropout=0.3)
-    assert first.losses == again.losses
+    # A second fit makes new steps (new optimizers) but reuses the Brain's compiled graphs.
+    compiled.fit(range(2, 3), STEPS_DATA, train_loader_kwargs={"batch_size": 4})
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3 and len(compiled.losses) == 18
+    torch._dynamo.reset()
+
+
+def test_compile_steps_dropout_is_a_function_of_the_brains_seed():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    first, _ = _steps_run(COMPILED, dropout=0.3)
+    again, _ = _steps_run(COMPILED, dropout=0.3)
+    other_seed, _ = _steps_run(COMPILED, dropout=0.3, seed=1)
+    no_dropout, _ = _steps_run(COMPILED)
+    assert first.losses == again.losses  # the same seed: the same masks, bit for bit
+    assert first.losses != other_seed.losses  # masks come from the state's key ...
+    assert first.losses != no_dropout.losses  # ... and dropout really ran
+    # Masks change from step to step: the same batch gives a different loss at the next epoch.
+    assert first.losses[:6] != first.losses[6:]
     torch._dynamo.reset()
 
 
@@ -675,11 +691,50 @@ def test_compile_steps_falls_back_to_eager_with_a_warning(caplog):
     torch._dynamo.reset()
     eager, _ = _steps_run({})
     with caplog.at_level("WARNING", logger="fbrain.brain.compiled_steps"):
-        brain, _ = _steps_run({"compile_steps": True, "compile_mode": "default"}, brain_class=Untraceable)
-    assert "the train step failed to compile and runs eagerly" in caplog.text
-    assert "the eval step failed to compile and runs eagerly" in caplog.text
-    assert caplog.text.count("failed to compile") == 2  # once per step, not once per batch
-    assert brain.losses == eager.losses  # the eager step, from an untouched state
+        brain, _ = _steps_run(COMPILED, brain_class=Untraceable)
+        brain.fit(range(2, 3), STEPS_DATA, train_loader_kwargs={"batch_size": 4})  # new steps: no new attempt
+    assert "the train step cannot be compiled and runs eagerly (Unsupported" in caplog.text
+    assert "the eval step cannot be compiled and runs eagerly (Unsupported" in caplog.text
+    assert caplog.text.count("cannot be compiled") == 2  # once per kind, not once per batch or fit
+    assert brain.losses[:12] == eager.losses  # the eager step, from an untouched state
+    torch._dynamo.reset()
+
+
+def test_compile_steps_falls_back_when_torch_runs_out_of_recompiles(caplog):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager, eager_test = _steps_run({})
+    # One graph per compiled function: the eval step's second batch size (8 after 4) needs a second.
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level("WARNING", logger="fbrain.brain.compiled_steps"):
+        brain, test_loss = _steps_run(COMPILED)
+    assert "the eval step cannot be compiled and runs eagerly (FailOnRecompileLimitHit" in caplog.text
+    assert not brain._step_compilers["train"].failed and brain._step_compilers["eval"].failed
+    assert test_loss == pytest.approx(eager_test, abs=1e-5)
+    torch._dynamo.reset()
+
+
+def test_compile_steps_raises_a_recipes_own_error_as_itself_and_keeps_compiling(caplog):
+    import torch._dynamo
+
+    class FailsOnce(NormedBrain):
+        def compute_objectives(self, predictions, batch, stage):
+            if self.fail:
+                raise ValueError("the recipe's own error")
+            return super().compute_objectives(predictions, batch, stage)
+
+    torch._dynamo.reset()
+    FailsOnce.fail = True
+    with caplog.at_level("WARNING", logger="fbrain.brain.compiled_steps"):
+        with pytest.raises(ValueError, match="the recipe's own error") as raised:
+            _steps_run(COMPILED, brain_class=FailsOnce)
+    assert raised.value.__context__ is None  # not chained to torch.compile's report of it
+    assert "cannot be compiled" not in caplog.text
+    FailsOnce.fail = False
+    eager, _ = _steps_run({})
+    brain, _ = _steps_run(COMPILED, brain_class=FailsOnce)
+    assert not brain._step_compilers["train"].failed
+    assert max(abs(a - b) for a, b in zip(brain.losses, eager.losses)) < 1e-5
     torch._dynamo.reset()
 
 

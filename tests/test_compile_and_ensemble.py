@@ -56,6 +56,31 @@ def test_train_step_compile_keeps_randomness_a_function_of_the_state():
     assert not torch.equal(a.rng, state.rng) and float(mc["loss"]) != float(ma["loss"])
 
 
+def test_compiled_dropout_masks_follow_the_key_even_after_a_batchnorm():
+    # Linear(bias=False) -> BatchNorm -> ReLU -> Dropout is the pattern torch 2.11's inductor
+    # mis-compiles when dropout runs as bernoulli_ (the forward read an unfilled mask): the losses
+    # were the same for every key. fbrain's compiled steps route dropout through native_dropout.
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16, bias=False), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
+
+    def loss_fn(params, buffers, batch, rng):
+        out, new_buffers = fbrain.apply_module(model, params, buffers, batch[0])
+        return torch.nn.functional.mse_loss(out, batch[1]), {"buffers": new_buffers}
+
+    opt = optim.sgd(0.1)
+    state = fbrain.TrainState.create(model, opt)
+    step = fbrain.make_train_step(loss_fn, opt).compile(fullgraph=True)
+    batch = (torch.randn(4, 4), torch.randn(4, 1))
+    losses = [float(step(state.replace(rng=fbrain.rng.new_key(k)), batch)[1]["loss"]) for k in (1, 2, 1, 3)]
+    assert losses[0] == losses[2]  # the same key: the same masks
+    assert len({losses[0], losses[1], losses[3]}) == 3  # other keys: other masks
+    model[3].p = 0.0
+    with torch.no_grad():
+        no_dropout = float(loss_fn(state.params, state.buffers, batch, state.rng)[0])
+    assert all(abs(loss - no_dropout) > 1e-6 for loss in losses)  # dropout really ran
+
+
 def test_ensemble_with_different_seeds_and_learning_rates_equals_separate_runs():
     opt = optim.adam(1e-2)
     models = [mlp(seed) for seed in range(3)]

@@ -16,29 +16,54 @@ Example::
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
 
 import torch
 
+from fbrain.step import compile_pure
+
 logger = logging.getLogger(__name__)
 
+# What torch.compile raises when it cannot (or may no longer) compile a step. The second is not
+# a TorchDynamoException: under fullgraph, running out of recompiles is a hard error.
+COMPILE_FAILURES = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
 
-class CompiledOrEager:
-    """Calls ``step.compile(**compile_kwargs)``; on a compiler failure, warns once and calls
-    ``step`` itself from then on (the state is untouched by a failed call: the step is pure)."""
+# CUDA graph modes overwrite a graph's outputs at its next replay, and the Brain keeps step outputs
+# (the running loss, losses given to hooks); the same modes without CUDA graphs are used instead.
+_WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
-    def __init__(self, step, what: str, **compile_kwargs):
-        self.eager = step
-        self.what = what
-        self._call: Callable[..., Any] = step.compile(**{**compile_kwargs, "fullgraph": True})
 
-    def __call__(self, state, batch):
+class StepCompiler:
+    """Runs a Brain's steps of one kind ("train" or "eval") compiled: one compiled function for all
+    of them (the Brain makes new steps at every fit), eager for good once compiling fails.
+
+    ``compiler(step, state, batch)`` is ``step(state, batch)``, compiled.
+    """
+
+    def __init__(self, kind: str, mode: str | None = None, dynamic: bool | None = None):
+        self.kind = kind
+        mode = _WITHOUT_CUDA_GRAPHS.get(mode, mode)
+        self.compiled = compile_pure(kind, fullgraph=True, mode=mode, dynamic=dynamic)
+        self.failed = False
+
+    def __call__(self, step, state, batch):
+        if self.failed:
+            return step(state, batch)
         try:
-            return self._call(state, batch)
-        except torch._dynamo.exc.TorchDynamoException as error:
-            if self._call is self.eager:
-                raise
-            logger.warning("compile_steps: the %s step failed to compile and runs eagerly: %s",
-                           self.what, str(error).splitlines()[0] if str(error) else type(error).__name__)
-            self._call = self.eager
-            return self.eager(state, batch)
+            return step.run_compiled(self.compiled, state, batch)
+        except COMPILE_FAILURES as error:
+            failure = error
+        # Outside the except block, so an error of the recipe's own (which torch.compile reports
+        # as a failure to trace) is raised by the eager step as itself, not chained to the
+        # compiler's. Running the step again is safe: a failed compiled call ran nothing (dynamo
+        # fails while tracing) and a pure step changes no input.
+        result = step(state, batch)
+        self.failed = True
+        logger.warning("compile_steps: the %s step cannot be compiled and runs eagerly (%s: %s)", self.kind,
+                       type(failure).__name__, _first_line(failure))
+        logger.debug("compile_steps: why the %s step could not be compiled", self.kind, exc_info=failure)
+        return result
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip() and not line.rstrip().endswith("raised:")]
+    return lines[0] if lines else "no message"

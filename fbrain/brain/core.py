@@ -50,7 +50,7 @@ from fbrain import distributed as _distributed
 from fbrain.brain.binding import Binding
 from fbrain.brain.checkpointing import (INTRA_EPOCH_FLAG, IntraEpochSchedule, brain_record,
                                         restore_running_mean, skip_batches)
-from fbrain.brain.compiled_steps import CompiledOrEager
+from fbrain.brain.compiled_steps import StepCompiler
 from fbrain.brain.contexts import PrecisionContext
 from fbrain.brain.optimizers import OptimizerLayout, apply_grads, average_grads, twin_of_group
 from fbrain.brain.run_options import resolve_run_options
@@ -92,6 +92,8 @@ class Brain:
     #: place: no copy of the weights and moments per step. A ``brain.state`` kept from before a step
     #: then sees the update; copy it (``fbrain.tree.map_tensors(torch.clone, brain.state)``) to keep a
     #: snapshot, or set ``donate_state = False`` on the Brain for steps that leave old states as they were.
+    #: Compiled steps (``compile_steps``) never donate: for the length of a step they hold the old
+    #: and the new parameters and moments.
     donate_state = True
 
     def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
@@ -138,6 +140,7 @@ class Brain:
         self._layout: OptimizerLayout | None = None
         self._train_steps: dict = {}
         self._eval_step = None
+        self._step_compilers: dict = {}  # compile_steps: "train"/"eval" -> StepCompiler
         self._eval_stage = Stage.VALID
         self._pending: list = []
         self._loss_weight = 1
@@ -492,19 +495,26 @@ class Brain:
                 precision=self.precision, accumulation=count, loss_scale=self._loss_scale,
                 donate_state=self.donate_state,
                 process_group=torch.distributed.group.WORLD if _distributed.active() else None)
-            if self.compile_steps:
-                self._train_steps[key] = CompiledOrEager(self._train_steps[key], "train", **self._step_compile_kwargs())
         return self._train_steps[key]
 
-    def _step_compile_kwargs(self) -> dict:
-        return dict(mode=self.compile_mode, dynamic=self.compile_using_dynamic_shape_tracing or None)
+    def _compiler(self, kind: str) -> StepCompiler:
+        """The Brain's compiler for ``kind`` steps (``compile_steps``), made once and kept across fits."""
+        if kind not in self._step_compilers:
+            # dynamic=None: torch's automatic dynamic shapes (a second shape recompiles once, for
+            # all shapes), unless compile_using_dynamic_shape_tracing asks for dynamic from the start.
+            self._step_compilers[kind] = StepCompiler(kind, mode=self.compile_mode,
+                                                      dynamic=self.compile_using_dynamic_shape_tracing or None)
+        return self._step_compilers[kind]
 
     def _run_train_step(self, batches: list):
         """One pure step on ``batches`` (micro-batches when more than one); returns (loss, outputs)."""
         step = self._train_step_for(len(batches))
         # Micro-batches stay apart: padded batches of different lengths cannot be stacked.
         batch = batches[0] if len(batches) == 1 else MicroBatches(batches)
-        self.state, metrics = step(self.state, batch)
+        if self.compile_steps:
+            self.state, metrics = self._compiler("train")(step, self.state, batch)
+        else:
+            self.state, metrics = step(self.state, batch)
         self.optimizer_step += 1
         self._loss_weight = len(batches)
         self._loss_is_global = True  # the step averaged it over the ranks
@@ -542,9 +552,9 @@ class Brain:
         """The loss of one batch with the pure eval step (``eval_precision``)."""
         if self._eval_step is None:
             self._eval_step = make_eval_step(self._eval_loss_fn, precision=self.eval_precision)
-            if self.compile_steps:
-                self._eval_step = CompiledOrEager(self._eval_step, "eval", **self._step_compile_kwargs())
         self._eval_stage = stage
+        if self.compile_steps:
+            return self._compiler("eval")(self._eval_step, self.state, batch)["loss"].detach()
         return self._eval_step(self.state, batch)["loss"].detach()
 
     # -- SpeechBrain's checks, for imperative recipes ----------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from typing import Any, BinaryIO, Callable, Iterator
 
@@ -38,23 +39,24 @@ def fsync_dir(folder: str) -> None:
 
 
 def release_cached_pages(path: str) -> None:
-    """Ask the kernel to drop the page cache of the file at ``path`` (if any), which is about to be
-    replaced.
+    """Ask the kernel to drop the page cache of the regular file at ``path`` (if any), which is
+    about to be replaced.
 
     Writing a large file needs as many free pages as it has bytes. Pages the old version frees are
     reused at once; without this they stay cached until the rename, and the new file's pages come
     from memory not used before, which on virtual machines costs several times more: saving a
     1.2 GB state over an existing file took 2.9 s instead of 0.9 s here. Only clean pages are
-    dropped (dirty ones are written first), so nothing is lost.
+    dropped (dirty ones are left, their writeback started), and the file on disk is untouched.
     """
     if not hasattr(os, "posix_fadvise"):
         return
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not block here
     except OSError:  # no old version (or unreadable): nothing to release
         return
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError:
         pass
     finally:

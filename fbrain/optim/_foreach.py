@@ -37,7 +37,7 @@ def _pairs(a, b):
     return zip(a, b) if isinstance(b, (list, tuple)) else ((x, b) for x in a)
 
 
-def _traceable(a, b):
+def _scalar_operand(a, b):
     """``b`` as torch.compile traces it best: a 0-dim tensor operand becomes a list of it.
 
     Dynamo (torch 2.11) reads a tensor scalar given to ``_foreach_add`` on the host, which breaks
@@ -53,7 +53,7 @@ def _binary(name: str):
     multi, single = getattr(torch, f"_foreach_{name}"), getattr(torch, name)
 
     def op(a, b):
-        return [single(x, y) for x, y in _pairs(a, b)] if any_batched(a, b) else multi(a, _traceable(a, b))
+        return [single(x, y) for x, y in _pairs(a, b)] if any_batched(a, b) else multi(a, _scalar_operand(a, b))
 
     op.__name__ = name
     return op
@@ -67,7 +67,7 @@ def _binary_inplace(name: str):
             for x, y in _pairs(a, b):
                 getattr(x, f"{name}_")(y)
         else:
-            multi(a, _traceable(a, b))
+            multi(a, _scalar_operand(a, b))
         return a
 
     op.__name__ = f"{name}_"

@@ -86,7 +86,7 @@ def adam(
             second = fe.maximum([nu_max[n] for n in names], nu)
             nu_max = {**nu_max, **dict(zip(names, second))}
 
-        bias_correction1, bias_correction2_sqrt = hp.computed_once(1 - b1**count, torch.sqrt(1 - b2**count))
+        bias_correction1, bias_correction2_sqrt = hp.hoisted(1 - b1**count, torch.sqrt(1 - b2**count))
         denom = fe.sqrt(second)
         fe.div_(denom, c(bias_correction2_sqrt))
         fe.add_(denom, c(h["eps"]))

@@ -155,9 +155,9 @@ def scalar(value: torch.Tensor, like: list[torch.Tensor]) -> torch.Tensor:
     return value.to(dtype)
 
 
-def computed_once(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``values`` (0-dim tensors of one dtype) held in one small buffer, so that a compiled update
-    computes them once per step.
+def hoisted(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``values`` (0-dim tensors of one dtype) hoisted out of a compiled update's elementwise
+    loops: held in one small buffer, so they are computed once per step.
 
     Inductor inlines cheap scalar arithmetic into every elementwise loop that reads it, and a scalar
     ``pow`` then runs once per vector of every parameter: Adam's bias corrections made a compiled
