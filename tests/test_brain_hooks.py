@@ -610,14 +610,8 @@ def test_compile_gives_the_uncompiled_losses():
     torch._dynamo.reset()
 
 
-class NormedBrain(fbrain.Brain):
-    """A model with BatchNorm (buffers the step returns) and, optionally, dropout."""
-
-    def compute_forward(self, batch, stage):
-        return self.modules.model(batch["x"])
-
-    def compute_objectives(self, predictions, batch, stage):
-        return torch.nn.functional.mse_loss(predictions, batch["y"])
+class NormedBrain(RegressionBrain):
+    """Logs its losses; trains a model with BatchNorm (buffers the step returns) and, optionally, dropout."""
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         self.losses.append(float(loss))
