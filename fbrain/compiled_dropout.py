@@ -12,11 +12,13 @@ own path.
 
 Example::
 
-    with NativeDropout():
-        out = model(x)  # nn.Dropout layers draw through torch.native_dropout
+    with when_compiling():
+        out = model(x)  # under torch.compile, nn.Dropout layers draw through torch.native_dropout
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -34,3 +36,9 @@ class NativeDropout(torch.overrides.TorchFunctionMode):
                 out = torch.native_dropout(call["input"], call["p"], True)[0]
                 return call["input"].copy_(out) if call["inplace"] else out
         return func(*args, **kwargs)
+
+
+def when_compiling():
+    """:class:`NativeDropout` while torch.compile traces, nothing otherwise (eager steps keep
+    torch's own dropout, so their masks stay those of a plain PyTorch loop)."""
+    return NativeDropout() if torch.compiler.is_compiling() else contextlib.nullcontext()

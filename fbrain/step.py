@@ -36,8 +36,8 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
+from fbrain import compiled_dropout
 from fbrain import rng as _rng
-from fbrain.compiled_dropout import NativeDropout
 from fbrain.distributed import mean_across_ranks
 from fbrain.gradients import loss_and_grads, per_example_loss_and_grads, split_loss
 from fbrain.loss_scale import DynamicLossScale
@@ -154,13 +154,11 @@ def structure(batch: Any) -> Any:
 
 
 def _train_pure(step: "TrainStep", state: TrainState, batch: Any):
-    with NativeDropout():  # see fbrain.compiled_dropout: torch 2.11 mis-compiles CPU dropout here
-        return step.pure(state, batch, use_func=True)
+    return step.pure(state, batch, use_func=True)
 
 
 def _eval_pure(step: "EvalStep", state: TrainState, batch: Any):
-    with NativeDropout():
-        return step.pure(state, batch)
+    return step.pure(state, batch)
 
 
 _copies = itertools.count()
@@ -263,6 +261,12 @@ class TrainStep:
 
     def pure(self, state: TrainState, batch: Any, use_func: bool = True) -> tuple[TrainState, dict]:
         """One step without argument checks or RNG handling (what compile and vmap trace)."""
+        # Under torch.compile, however it was entered, dropout takes the path inductor compiles
+        # correctly (see fbrain.compiled_dropout).
+        with compiled_dropout.when_compiling():
+            return self._pure(state, batch, use_func)
+
+    def _pure(self, state: TrainState, batch: Any, use_func: bool) -> tuple[TrainState, dict]:
         params, opt = state.params, self.optimizer
         frozen = frozen_names(opt, params)
         trainable = [n for n in params if n not in frozen]
@@ -402,7 +406,7 @@ class EvalStep:
         self.precision = precision
 
     def pure(self, state: TrainState, batch: Any) -> dict:
-        with torch.no_grad(), autocast(self.precision, _device_of(state)):
+        with torch.no_grad(), autocast(self.precision, _device_of(state)), compiled_dropout.when_compiling():
             loss, aux = split_loss(self.eval_fn(state.params, state.buffers, batch, state.rng))
         aux = {k: v for k, v in aux.items() if k != "buffers"}
         return {**aux, "loss": loss}

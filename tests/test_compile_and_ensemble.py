@@ -75,10 +75,17 @@ def test_compiled_dropout_masks_follow_the_key_even_after_a_batchnorm():
     losses = [float(step(state.replace(rng=fbrain.rng.new_key(k)), batch)[1]["loss"]) for k in (1, 2, 1, 3)]
     assert losses[0] == losses[2]  # the same key: the same masks
     assert len({losses[0], losses[1], losses[3]}) == 3  # other keys: other masks
+    # torch.compile(train_step) straight away: random ops then draw from the caller's generator.
+    plain = torch.compile(fbrain.make_train_step(loss_fn, opt), fullgraph=True)
+    drawn = []
+    for seed in (1, 2, 1):
+        torch.manual_seed(seed)
+        drawn.append(float(plain(state, batch)[1]["loss"]))
+    assert drawn[0] == drawn[2] and drawn[0] != drawn[1]
     model[3].p = 0.0
     with torch.no_grad():
         no_dropout = float(loss_fn(state.params, state.buffers, batch, state.rng)[0])
-    assert all(abs(loss - no_dropout) > 1e-6 for loss in losses)  # dropout really ran
+    assert all(abs(loss - no_dropout) > 1e-6 for loss in losses + drawn)  # dropout really ran
 
 
 def test_ensemble_with_different_seeds_and_learning_rates_equals_separate_runs():
