@@ -20,15 +20,9 @@ from fbrain.functional import apply_module
 from fbrain.gradients import per_example_grads
 from fbrain.loss_scale import DynamicLossScale, LossScaleState
 from fbrain.state import Counters, TrainState
-from fbrain.step import (
-    EvalStep,
-    TrainStep,
-    make_eval_step,
-    make_train_step,
-    MicroBatches,
-    micro_batches,
-    stack_micro_batches,
-)
+from fbrain.batches import MicroBatches, micro_batches, stack_micro_batches
+from fbrain.step import EvalStep, TrainStep, make_eval_step, make_train_step
+from fbrain.update import UpdateRule, apply_gradients
 from fbrain.brain import Brain, EpochCounter, Stage, create_experiment_directory, parse_arguments
 from fbrain.data import PaddedBatch, PaddedData
 from fbrain.distributed import ddp_init_group, run_on_main
@@ -39,7 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Counters", "DynamicLossScale", "EvalStep", "distributed", "functional", "LossScaleState", "TrainState", "TrainStep",
-    "MicroBatches", "apply_module", "ensemble_step", "make_eval_step", "make_train_step", "micro_batches",
+    "MicroBatches", "UpdateRule", "apply_gradients", "apply_module", "ensemble_step", "make_eval_step", "make_train_step", "micro_batches",
     "optim", "per_example_grads", "rng", "stack_micro_batches", "stack_states", "tree",
     "unstack_states",
     "Brain", "EpochCounter", "FileTrainLogger", "MetricStats", "PaddedBatch", "PaddedData", "Stage",

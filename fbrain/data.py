@@ -26,6 +26,8 @@ import torch.utils._pytree as pytree
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data._utils.collate import default_collate, default_convert
 
+from fbrain import distributed as _distributed
+
 
 class PaddedData(NamedTuple):
     """A padded tensor and the relative length (0..1] of each example along its first axis."""
@@ -186,14 +188,6 @@ class SeededShuffleSampler(Sampler[int]):
         return len(self.data_source)
 
 
-def distributed_launch() -> bool:
-    """True under torchrun with an initialised process group (SpeechBrain checks RANK/LOCAL_RANK)."""
-    import os
-
-    return (os.environ.get("RANK") is not None and os.environ.get("LOCAL_RANK") is not None
-            and torch.distributed.is_available() and torch.distributed.is_initialized())
-
-
 def make_dataloader(dataset: Any, *, train: bool = False, seed: int = 0, sorting: str | None = None,
                     **loader_kwargs) -> tuple[DataLoader, Any]:
     """``(loader, train_sampler)`` with SpeechBrain's semantics and a private random stream.
@@ -212,7 +206,7 @@ def make_dataloader(dataset: Any, *, train: bool = False, seed: int = 0, sorting
     sampler = None
     shuffle = kwargs.pop("shuffle", False)
     if train and not isinstance(dataset, IterableDataset):
-        if distributed_launch() and kwargs.get("batch_sampler") is None:
+        if _distributed.joined() and kwargs.get("batch_sampler") is None:
             if kwargs.get("sampler") is not None:
                 raise ValueError("make_dataloader: a custom sampler cannot be combined with a distributed run here")
             if sorting in ("ascending", "descending"):

@@ -53,8 +53,17 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def joined() -> bool:
+    """True in a process started by torchrun that has joined its process group."""
+    return launched() and dist.is_available() and dist.is_initialized()
+
+
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank: its process group's, or torchrun's ``RANK`` before it joined the group
+    (recipes often create their output folder before the Brain joins); 0 outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ["RANK"]) if launched() else 0
 
 
 def is_main_process() -> bool:

@@ -26,7 +26,8 @@ import torch
 from torch.func import vmap
 
 from fbrain.state import TrainState
-from fbrain.step import TrainStep, check_state
+from fbrain.state import check_state
+from fbrain.step import TrainStep
 from fbrain.tree import tree_flatten, tree_map
 
 
@@ -64,7 +65,7 @@ def ensemble_step(
     """
     if not isinstance(train_step, TrainStep):
         raise TypeError(f"train_step: expected a step from fbrain.make_train_step, got {type(train_step).__name__}")
-    batched = vmap(lambda s, b: train_step.pure(s, b, use_func=True),
+    batched = vmap(train_step.pure,
                    in_dims=(0, None if shared_batch else 0), randomness=randomness)
 
     def step(stacked: TrainState, batch: Any) -> tuple[TrainState, dict]:

@@ -2,11 +2,12 @@
 
 A loss function has the signature ``loss_fn(params, buffers, batch, rng)`` and
 returns ``loss`` or ``(loss, aux)`` with ``aux`` a dict. Two ways compute the
-same gradients bit for bit:
+same gradients bit for bit, and :func:`loss_and_grads` picks one by where it runs:
 
 * ``torch.autograd.grad`` on detached aliases of the parameters: the fastest
   in eager mode;
-* ``torch.func.grad``: what ``torch.compile`` and ``vmap`` can trace.
+* ``torch.func.grad``: what ``torch.compile`` and ``vmap`` can trace (chosen under
+  either of them).
 
 Example::
 
@@ -60,6 +61,12 @@ def _objective(loss_fn, params, buffers, batch, rng, multiplier, context):
     return objective
 
 
+def traced() -> bool:
+    """True under torch.compile or inside a torch.func transform (vmap, grad), where gradients
+    must come from ``torch.func.grad``."""
+    return torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
+
+
 def loss_and_grads(
     loss_fn: LossFn,
     params: dict[str, torch.Tensor],
@@ -68,12 +75,11 @@ def loss_and_grads(
     rng: torch.Tensor | None,
     trainable: list[str],
     multiplier: torch.Tensor | None = None,
-    use_func: bool = False,
     context=torch.enable_grad,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
     """``(loss, grads of loss * multiplier w.r.t. params[trainable], aux)``."""
     objective = _objective(loss_fn, params, buffers, batch, rng, multiplier, context)
-    if use_func:
+    if traced():
         grads, (loss, aux) = func_grad(objective, has_aux=True)({n: params[n] for n in trainable})
         return loss, grads, aux
     # Detached aliases share storage with the state's tensors but carry their own

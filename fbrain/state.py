@@ -29,13 +29,14 @@ import torch
 from fbrain import rng as _rng
 from fbrain.loss_scale import DynamicLossScale, LossScaleState
 from fbrain.optim.base import GradientTransformation
-from fbrain.tree import register_dataclass, tree_map
+from fbrain.tree import device_of, register_dataclass, tree_map
 
 
 class Counters(NamedTuple):
     """Progress counters, all int64 tensors so a step can advance them on the device.
 
-    ``step`` counts calls of the train step, ``optimizer_step`` the updates that
+    ``step`` counts gradient applications (:func:`fbrain.update.apply_gradients`: one per train
+    step, one per ``optimizer.step()`` of an imperative recipe), ``optimizer_step`` those that
     were applied; ``nonfinite_count`` counts steps skipped for a non-finite loss
     or gradient, ``nonfinite_streak`` those in a row (reset by a finite step). In fp16, a
     step skipped only because the scaled gradients overflowed (finite loss) is the loss
@@ -93,7 +94,7 @@ class TrainState:
             if not p.is_floating_point():
                 raise TypeError(f"params[{name!r}]: expected a floating-point tensor, got dtype {p.dtype}")
         buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
-        device = next(iter(params.values())).device if params else None
+        device = device_of(params)
         return cls(
             params=params,
             buffers=buffers,
@@ -123,6 +124,16 @@ class TrainState:
     @property
     def step(self) -> torch.Tensor:
         return self.counters.step
+
+
+def check_state(state: Any) -> None:
+    """Raise a precise error if ``state`` is not a usable TrainState (host-side metadata only)."""
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state: expected an fbrain.TrainState, got {type(state).__name__}")
+    for name, p in state.params.items():
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+            what = f"dtype {p.dtype}" if isinstance(p, torch.Tensor) else type(p).__name__
+            raise TypeError(f"params[{name!r}]: expected a floating-point tensor, got {what}")
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(TrainState))

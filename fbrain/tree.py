@@ -82,6 +82,13 @@ def select(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:
     return tree_unflatten([pick(a, b) for a, b in zip(true_leaves, false_leaves)], spec)
 
 
+def device_of(tree: dict[str, torch.Tensor]) -> torch.device:
+    """The device of the first tensor of a flat dict such as ``state.params`` (the CPU if it is empty)."""
+    for value in tree.values():
+        return value.device
+    return torch.device("cpu")
+
+
 def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
     """Apply ``fn`` to every tensor leaf, leaving other leaves as they are."""
     return tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, tree)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 
@@ -108,3 +109,29 @@ def trees_equal(a, b) -> bool:
         if not same:
             return False
     return True
+
+
+FUSED_KERNELS = ("_fused_adam_", "_fused_adamw_", "_fused_sgd_")
+
+
+@contextlib.contextmanager
+def fused_kernel_calls():
+    """The names of ATen's fused optimizer kernels called while the block runs, in order."""
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        for name in FUSED_KERNELS:
+            def counting(*args, _original=getattr(torch, name), _name=name, **kwargs):
+                calls.append(_name)
+                return _original(*args, **kwargs)
+            mp.setattr(torch, name, counting)
+        yield calls
+
+
+class RegressionBrain(fbrain.Brain):
+    """``modules.model`` fitted to targets by MSE; a batch is ``{"x": .., "y": ..}`` or ``(x, y)``."""
+
+    def compute_forward(self, batch, stage):
+        return self.modules.model(batch["x"] if isinstance(batch, dict) else batch[0])
+
+    def compute_objectives(self, predictions, batch, stage):
+        return torch.nn.functional.mse_loss(predictions, batch["y"] if isinstance(batch, dict) else batch[1])

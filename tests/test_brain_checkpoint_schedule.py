@@ -11,17 +11,12 @@ import pytest
 import torch
 
 import fbrain
+from conftest import RegressionBrain
 from fbrain.brain import checkpointing
 from fbrain.checkpoint import Checkpointer
 
 
-class Regression(fbrain.Brain):
-    def compute_forward(self, batch, stage):
-        return self.modules.model(batch[0])
-
-    def compute_objectives(self, predictions, batch, stage):
-        return torch.nn.functional.mse_loss(predictions, batch[1])
-
+class Regression(RegressionBrain):
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         self.losses.append(float(loss))
         if getattr(self, "clock", None) is not None:

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import fbrain
+from conftest import RegressionBrain
 from fbrain import checkpoint
 from fbrain.checkpoint import Checkpointer, mark_as_loader, mark_as_saver
 
@@ -144,12 +145,7 @@ def test_bad_recoverables_are_named(tmp_path):
         ckpt.save_checkpoint()
 
 
-class Regression(fbrain.Brain):
-    def compute_forward(self, batch, stage):
-        return self.modules.model(batch[0])
-
-    def compute_objectives(self, predictions, batch, stage):
-        return torch.nn.functional.mse_loss(predictions, batch[1])
+Regression = RegressionBrain
 
 
 def regression_data(n=12):

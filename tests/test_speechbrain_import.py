@@ -112,11 +112,11 @@ def test_import_into_a_brain_gives_speechbrains_exact_state(sb_adam, tmp_path):
     torch_opt = torch.load(os.path.join(folder, "optimizer.ckpt"), weights_only=True)
     names = [n for n, _ in brain.modules.named_parameters()]
     for i, name in enumerate(names):
-        assert torch.equal(state.opt_state.mu[name], torch_opt["state"][i]["exp_avg"]), name
-        assert torch.equal(state.opt_state.nu[name], torch_opt["state"][i]["exp_avg_sq"]), name
+        assert torch.equal(state.opt_state["opt_class"].mu[name], torch_opt["state"][i]["exp_avg"]), name
+        assert torch.equal(state.opt_state["opt_class"].nu[name], torch_opt["state"][i]["exp_avg_sq"]), name
         assert int(torch_opt["state"][i]["step"]) == EPOCH_BATCHES
-    assert int(state.opt_state.count) == EPOCH_BATCHES
-    assert float(state.opt_state.hyperparams["lr"]) == LR_AFTER_EPOCH_1  # as the "scheduler" left it
+    assert int(state.opt_state["opt_class"].count) == EPOCH_BATCHES
+    assert float(state.opt_state["opt_class"].hyperparams["lr"]) == LR_AFTER_EPOCH_1  # as the "scheduler" left it
     assert brain.optimizer.param_groups[0]["lr"] == LR_AFTER_EPOCH_1
     assert int(state.counters.optimizer_step) == EPOCH_BATCHES and brain.optimizer_step == EPOCH_BATCHES
     assert int(state.counters.epoch) == 1 and counter.current == 1
@@ -141,9 +141,9 @@ def test_fbrain_continues_a_speechbrain_run_as_speechbrain_does(sb_adam, tmp_pat
     final_opt = torch.load(sb_dir / "final_optimizer.pt", weights_only=True)
     names = [n for n, _ in brain.modules.named_parameters()]
     for i, name in enumerate(names):
-        torch.testing.assert_close(brain.state.opt_state.mu[name], final_opt["state"][i]["exp_avg"],
+        torch.testing.assert_close(brain.state.opt_state["opt_class"].mu[name], final_opt["state"][i]["exp_avg"],
                                    rtol=1e-5, atol=1e-7)
-    assert int(brain.state.opt_state.count) == 2 * EPOCH_BATCHES
+    assert int(brain.state.opt_state["opt_class"].count) == 2 * EPOCH_BATCHES
 
 
 def test_import_into_a_train_state_and_sgd_momentum(tmp_path):

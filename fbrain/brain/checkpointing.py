@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader
@@ -52,18 +52,6 @@ class IntraEpochSchedule:
         return False
 
 
-def running_mean_record(mean) -> dict:
-    """The exact state of a RunningMean (pending losses included: folding them early would change
-    the rounding of the epoch's average)."""
-    return {"pending": list(mean._pending), "weights": list(mean._weights), "sum": mean._sum,
-            "count": mean._count, "initial": mean._initial}
-
-
-def restore_running_mean(mean, record: dict) -> None:
-    mean._pending, mean._weights = list(record["pending"]), list(record["weights"])
-    mean._sum, mean._count, mean._initial = record["sum"], record["count"], record["initial"]
-
-
 class _SkipBatches(BatchSampler):
     """A batch sampler that leaves out the first ``skip`` batches of another one."""
 
@@ -93,15 +81,3 @@ def skip_batches(loader: Iterable, skip: int) -> Iterable:
                           worker_init_fn=loader.worker_init_fn, generator=loader.generator,
                           persistent_workers=loader.persistent_workers)
     return itertools.islice(loader, skip, None)
-
-
-def brain_record(brain: Any) -> dict:
-    """Everything the Brain needs to continue: the state and where the epoch stands."""
-    return {
-        "state": brain.state,
-        "step": brain.step,
-        "optimizer_step": brain.optimizer_step,
-        "train_loss": running_mean_record(brain._train_loss),
-        "nonfinite_base": brain._nonfinite_base,
-        "nonfinite_extra": brain._nonfinite_extra,
-    }

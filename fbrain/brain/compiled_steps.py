@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from fbrain.step import compile_pure
+from fbrain.compiling import compile_pure
 
 logger = logging.getLogger(__name__)
 

@@ -57,14 +57,6 @@ def environment_description() -> str:
             f"CUDA available: {torch.cuda.is_available()}\n")
 
 
-def _is_main_process() -> bool:
-    # Before the process group exists (recipes often create the folder before the Brain joins it),
-    # torchrun's RANK still says which process is the main one.
-    if _distributed.active():
-        return _distributed.is_main_process()
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def create_experiment_directory(experiment_directory, hyperparams_to_save=None, overrides=None, log_config=None,
                                 save_env_desc=True, copy_caller=True):
     """Prepare ``experiment_directory`` for a run (SpeechBrain's signature, plus ``copy_caller``).
@@ -73,7 +65,7 @@ def create_experiment_directory(experiment_directory, hyperparams_to_save=None, 
     """
     caller = inspect.getmodule(inspect.currentframe().f_back) if copy_caller else None
     try:
-        if _is_main_process():
+        if _distributed.is_main_process():
             _prepare(experiment_directory, hyperparams_to_save, overrides, log_config, save_env_desc, caller)
     finally:
         _distributed.barrier()  # a no-op outside a distributed run

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from fbrain import precision as _precision
+
 # The options fbrain's Brain acts on, with SpeechBrain's defaults.
 DEFAULTS: dict[str, Any] = {
     "device": "cpu",
@@ -54,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "tqdm_barcolor": {"train": "GREEN", "valid": "MAGENTA", "test": "CYAN"},
 }
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = tuple(_precision.PRECISIONS)
 
 HELP = {
     "device": "the device to run on (e.g. 'cuda:0')",

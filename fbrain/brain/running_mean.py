@@ -67,3 +67,14 @@ class RunningMean:
             return self._initial
         total, count = torch.stack([self._sum, self._count]).tolist()
         return total / count if count else self._initial
+
+    def record(self) -> dict:
+        """The exact state (pending losses included: folding them early would change the rounding
+        of the epoch's average), as plain values and tensors for a checkpoint."""
+        return {"pending": list(self._pending), "weights": list(self._weights), "sum": self._sum,
+                "count": self._count, "initial": self._initial}
+
+    def restore(self, record: dict) -> None:
+        """Continue from a :meth:`record`."""
+        self._pending, self._weights = list(record["pending"]), list(record["weights"])
+        self._sum, self._count, self._initial = record["sum"], record["count"], record["initial"]

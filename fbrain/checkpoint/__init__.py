@@ -19,9 +19,10 @@ from fbrain.checkpoint.serialization import CheckpointError, from_bytes, read, r
 from fbrain.checkpoint.speechbrain_import import find_speechbrain_checkpoint, import_speechbrain
 from fbrain.loss_scale import LossScaleState
 from fbrain.optim import AdamState, EmptyState, RMSpropState, SGDState
+from fbrain.optim.hyperparams import Static
 from fbrain.state import Counters, TrainState
 
-for _cls in (TrainState, Counters, LossScaleState, AdamState, SGDState, RMSpropState, EmptyState):
+for _cls in (TrainState, Counters, LossScaleState, AdamState, SGDState, RMSpropState, EmptyState, Static):
     register_type(_cls)
 
 __all__ = [

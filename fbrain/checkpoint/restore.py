@@ -88,23 +88,4 @@ def restore(loaded: Any, template: Any = None, device: torch.device | str | None
     TrainState's RNG key always stays on the CPU.
     """
     out = loaded if template is None else _match(loaded, template, "")
-    out = out if device is None else _to_device(out, device)
-    _mirror_hyperparams(out)
-    return out
-
-
-def _mirror_hyperparams(tree: Any) -> None:
-    """Record the hyperparameters of every TrainState in ``tree`` on the host, as a fresh state has
-    them: a restored state then takes the same (fused) optimizer path, so a resumed run continues
-    bit for bit as a straight one would."""
-    from fbrain.optim.hyperparams import mirror_hyperparams
-    from fbrain.state import TrainState
-
-    if isinstance(tree, TrainState):
-        mirror_hyperparams(tree.opt_state)
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            _mirror_hyperparams(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            _mirror_hyperparams(v)
+    return out if device is None else _to_device(out, device)

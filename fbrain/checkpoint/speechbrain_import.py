@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from fbrain.checkpoint.checkpointer import META_FILE
+from fbrain.checkpoint.checkpointer import PREFIX as CKPT_PREFIX
 from fbrain.checkpoint.serialization import CheckpointError
 from fbrain.loss_scale import LossScaleState
 from fbrain.optim.hyperparams import get_hyperparams, set_hyperparams
@@ -38,8 +40,7 @@ from fbrain.state import Counters, TrainState
 
 log = logging.getLogger(__name__)
 
-PREFIX = "CKPT+"
-META_FILE = "CKPT.yaml"
+PREFIX = CKPT_PREFIX + "+"
 SUFFIX = ".ckpt"
 BRAIN_FILE = "brain"
 COUNTER_NAMES = ("counter", "epoch_counter")
@@ -342,22 +343,18 @@ def _substate_for(opt_state, names: list[str], path: str):
 
 
 def _import_optimizer(opt_state, torch_state: dict, names_in_order: list[str], path: str,
-                      optimizer_step: int | None, labels: list[str] | None = None, sub_of=None, with_sub=None):
+                      optimizer_step: int | None, labels: list[str] | None = None):
     groups = _group_names(torch_state, names_in_order, path)
     index_of = {n: i for i, n in enumerate(names_in_order)}
     for i, (group, names) in enumerate(zip(torch_state["param_groups"], groups)):
         if not names:
             continue
-        if labels is not None:
-            label = labels[i]
-            sub = sub_of(opt_state, label)
+        if labels is not None:  # a Brain's optimizer: its layout's labels, one per param group
+            label, sub = labels[i], opt_state[labels[i]]
         else:
             label, sub = _substate_for(opt_state, names, path)
         new = _fill_sub_state(sub, torch_state, group, names, index_of, path, str(label), optimizer_step)
-        if labels is not None:
-            opt_state = with_sub(opt_state, label, new)
-        else:
-            opt_state = new if label is None else {**opt_state, label: new}
+        opt_state = new if label is None else {**opt_state, label: new}
     return opt_state
 
 
@@ -403,12 +400,9 @@ def import_speechbrain(ckpt_dir: str | os.PathLike, brain_or_state, *, modules: 
     if isinstance(brain_or_state, TrainState):
         state = brain_or_state
         brain = None
-    elif hasattr(brain_or_state, "_ensure_state") and hasattr(brain_or_state, "modules"):
+    elif hasattr(brain_or_state, "ensure_state") and hasattr(brain_or_state, "modules"):
         brain = brain_or_state
-        if brain._layout is None:
-            brain.init_optimizers()  # as fit() does: the optimizers from opt_class, then views over a state
-        brain._ensure_state()
-        state = brain.state
+        state = brain.ensure_state()  # as fit() does: the optimizers from opt_class, then views over a state
     else:
         raise TypeError(f"brain_or_state: expected an fbrain.Brain or fbrain.TrainState, "
                         f"got {type(brain_or_state).__name__}")
@@ -446,7 +440,7 @@ def _import_optimizers(files: _Files, brain, state: TrainState, optimizers, para
         names = list(param_names) if param_names is not None else list(state.params)
         return _import_optimizer(opt_state, torch_state, names, files.path(stem), optimizer_step)
 
-    views = brain._optimizer_objects()
+    views = dict(brain.optimizers_dict or {}) or ({"optimizer": brain.optimizer} if brain.optimizer is not None else {})
     name_of = {id(p): n for n, p in brain.modules.named_parameters()}
     for stem, torch_state in files.optimizers.items():
         path = files.path(stem)
@@ -460,19 +454,18 @@ def _import_optimizers(files: _Files, brain, state: TrainState, optimizers, para
                 raise CheckpointError(f"{path}: which of the Brain's optimizers {sorted(views)} is it? "
                                       f"map it with optimizers={{{stem!r}: '<key>'}}")
         view = views.get(key)
-        if view is None or not hasattr(view, "_labels"):
+        if view is None or not hasattr(view, "labels"):
             raise CheckpointError(f"{path}: the Brain has no optimizer {key!r} (it has {sorted(views)})")
         if len(view.param_groups) != len(torch_state["param_groups"]):
             raise CheckpointError(f"{path}: {len(torch_state['param_groups'])} param groups, the Brain's optimizer "
                                   f"{key!r} has {len(view.param_groups)}")
         names = [name_of[id(p)] for g in view.param_groups for p in g["params"]]
-        frozen = [n for n in names if n not in brain._layout.label_of or brain._layout.label_of[n] not in view._labels]
-        active = set(names) - set(frozen)
+        # Parameters that do not require gradients stay frozen in fbrain's layout.
+        active = {n for n, p in view.named if p.requires_grad}
         # Parameters that do not require gradients are in the torch optimizer but not in fbrain's state.
         torch_state = _without(torch_state, names, active)
         opt_state = _import_optimizer(opt_state, torch_state, [n for n in names if n in active], path,
-                                      optimizer_step, labels=view._labels, sub_of=brain._layout.sub_state,
-                                      with_sub=brain._layout.with_sub_state)
+                                      optimizer_step, labels=view.labels)
     return opt_state
 
 
@@ -493,7 +486,6 @@ def _without(torch_state: dict, names: list[str], active: set) -> dict:
 def _install(brain, state: TrainState, files: _Files, record: dict, epoch, epoch_counter, save: bool) -> None:
     brain.state = state
     brain.optimizer_step = int(record.get("optimizer_step", record.get("step", brain.optimizer_step)))
-    brain._train_steps.clear()
     checkpointer = getattr(brain, "checkpointer", None)
     recoverables = getattr(checkpointer, "recoverables", {}) or {}
     counter = None
@@ -512,7 +504,7 @@ def _install(brain, state: TrainState, files: _Files, record: dict, epoch, epoch
         checkpointer.save_checkpoint(meta={"imported_from": os.path.abspath(files.folder)},
                                      end_of_epoch=files.end_of_epoch)
     if intra:
-        # What recovering that checkpoint gives: the epoch runs again, skipping what was done.
-        brain._resume_skip = brain.step
+        # What recovering that checkpoint gives: the epoch runs again from brain.step, skipping what
+        # was done.
         if counter is not None:
             counter.current = epoch - 1

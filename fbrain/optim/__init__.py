@@ -16,6 +16,7 @@ from fbrain.optim.adam import AdamState, adam, adamw
 from fbrain.optim.base import (
     EmptyState,
     GradientTransformation,
+    apply,
     apply_updates,
     chain,
     frozen,
@@ -25,13 +26,13 @@ from fbrain.optim.base import (
 )
 from fbrain.optim.clipping import clip_by_global_norm, clip_grads_by_global_norm, global_norm
 from fbrain.optim.from_torch import from_torch, twin_of
-from fbrain.optim.hyperparams import get_hyperparams, mirror_hyperparams, set_hyperparams
+from fbrain.optim.hyperparams import Static, get_hyperparams, set_hyperparams
 from fbrain.optim.rmsprop import RMSpropState, rmsprop
 from fbrain.optim.sgd import SGDState, sgd
 
 __all__ = [
-    "AdamState", "EmptyState", "GradientTransformation", "RMSpropState", "SGDState",
-    "adam", "adamw", "apply_updates", "chain", "clip_by_global_norm", "clip_grads_by_global_norm",
-    "from_torch", "frozen", "frozen_names", "get_hyperparams", "global_norm", "identity", "mirror_hyperparams",
+    "AdamState", "EmptyState", "GradientTransformation", "RMSpropState", "SGDState", "Static",
+    "adam", "adamw", "apply", "apply_updates", "chain", "clip_by_global_norm", "clip_grads_by_global_norm",
+    "from_torch", "frozen", "frozen_names", "get_hyperparams", "global_norm", "identity",
     "partition", "rmsprop", "schedules", "set_hyperparams", "sgd", "twin_of",
 ]

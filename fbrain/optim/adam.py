@@ -21,7 +21,7 @@ from fbrain.optim import hyperparams as hp
 from fbrain.optim import _foreach as fe
 from fbrain.optim import _fused
 from fbrain.optim._foreach import decayed_gradients, ordered
-from fbrain.optim.base import GradientTransformation
+from fbrain.optim.base import GradientTransformation, apply_with_update
 
 
 class AdamState(NamedTuple):
@@ -29,7 +29,7 @@ class AdamState(NamedTuple):
     mu: dict[str, torch.Tensor]
     nu: dict[str, torch.Tensor]
     nu_max: dict[str, torch.Tensor]
-    hyperparams: dict[str, torch.Tensor]
+    hyperparams: dict  # name -> 0-dim tensor or hp.Static (see fbrain.optim.hyperparams)
 
 
 def adam(
@@ -64,10 +64,11 @@ def adam(
 
     def update(grads, state, params=None):
         h = hp.current(state.hyperparams, schedules, state.count)
-        lr_, b1, b2 = h["lr"], h["beta1"], h["beta2"]
+        x = hp.as_tensors(h, state.count.device)
+        lr_, b1, b2 = x["lr"], x["beta1"], x["beta2"]
         count = state.count + 1
         names, g = ordered(grads)
-        decay = h["weight_decay"] if has_decay else None
+        decay = x["weight_decay"] if has_decay else None
         g = decayed_gradients(g, names, params, None if decoupled_weight_decay else decay, maximize)
 
         c = lambda value: hp.scalar(value, g)  # noqa: E731
@@ -89,7 +90,7 @@ def adam(
         bias_correction1, bias_correction2_sqrt = hp.hoisted(1 - b1**count, torch.sqrt(1 - b2**count))
         denom = fe.sqrt(second)
         fe.div_(denom, c(bias_correction2_sqrt))
-        fe.add_(denom, c(h["eps"]))
+        fe.add_(denom, c(x["eps"]))
         updates = fe.div(mu, denom)
         fe.mul_(updates, c(-(lr_ / bias_correction1)))
         if decoupled_weight_decay and decay is not None:
@@ -108,13 +109,11 @@ def adam(
         )
         return dict(zip(names, updates)), new_state
 
-    def fused_apply(grads, state, params, skip, in_place=False):
-        """ATen's fused CPU Adam (see :mod:`fbrain.optim._fused`); None where it does not apply."""
+    def fused(grads, state, params, skip, in_place):
+        """ATen's fused CPU Adam (see :mod:`fbrain.optim._fused`); None where it does not serve."""
         names, g = ordered(grads)
         h = hp.current(state.hyperparams, schedules, state.count)
-        if not _fused.serves(g, h):
-            return None
-        f = _fused.host_values(h, ["beta1", "beta2", "eps"] + (["weight_decay"] if has_decay else []))
+        f = _fused.host_numbers(g, h, ["beta1", "beta2", "eps"] + (["weight_decay"] if has_decay else []))
         if f is None:
             return None
         new_p, mu, nu = (_fused.working_copies(t, names, in_place) for t in (params, state.mu, state.nu))
@@ -134,7 +133,12 @@ def adam(
         )
         return {**params, **dict(zip(names, new_p))}, new_state
 
-    return GradientTransformation(init, update, fused_apply=fused_apply)
+    def apply(grads, state, params, skip, in_place=False):
+        # One signature, two implementations: the fused kernel where it serves, else the arithmetic
+        # of `update`. Which one runs depends on the optimizer and the values of its inputs only.
+        return fused(grads, state, params, skip, in_place) or apply_with_update(update, grads, state, params, skip)
+
+    return GradientTransformation(init, update, apply=apply)
 
 
 def adamw(

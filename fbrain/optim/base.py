@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 
 from fbrain.optim import _foreach as fe
+from fbrain.tree import device_of, select
 
 Params = dict[str, torch.Tensor]
 Updates = dict[str, torch.Tensor]
@@ -38,18 +39,20 @@ class GradientTransformation(NamedTuple):
     must get no gradient at all; the train step leaves them out of the backward
     pass.
 
-    ``fused_apply(grads, state, params, skip, in_place=False) -> (new_params, new_state) | None``
-    (optional) is a shortcut for ``update`` + :func:`apply_updates` + "keep
-    everything as it was if ``skip``" in one fused kernel. It returns None for
-    inputs it cannot serve, and the step then takes the general path. The train
-    step uses it only in eager mode, outside ``vmap``; ``in_place`` means the
-    caller donated ``params`` and ``state``, so their tensors may be overwritten.
+    ``apply(grads, state, params, skip, in_place=False) -> (new_params, new_state)`` (optional)
+    is the whole update applied: ``update``, :func:`apply_updates`, and everything kept as it was
+    where the 0-dim boolean ``skip`` is true. Optimizers define it to dispatch, behind this one
+    signature, between a fused kernel and their ``update`` arithmetic (as ``torch.optim.adam``
+    dispatches between fused, foreach and single-tensor code); ``chain``, ``partition`` and
+    ``frozen`` compose it, so a fused kernel is kept inside them. Without it, :func:`apply` builds
+    it from ``update``. ``in_place`` means the caller donated ``params`` and ``state``: their
+    tensors may be overwritten.
     """
 
     init: Callable[[Params], OptState]
     update: Callable[[Updates, OptState, Params], tuple[Updates, OptState]]
     frozen: Optional[Callable[[Params], frozenset]] = None
-    fused_apply: Optional[Callable[..., Optional[tuple[Params, OptState]]]] = None
+    apply: Optional[Callable[..., tuple[Params, OptState]]] = None
 
 
 class EmptyState(NamedTuple):
@@ -71,6 +74,40 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     return {**params, **dict(zip(names, summed))}
 
 
+def apply(
+    tx: GradientTransformation, grads: Updates, state: OptState, params: Params,
+    skip: torch.Tensor | None = None, in_place: bool = False,
+) -> tuple[Params, OptState]:
+    """``(new params, new state)`` after ``tx`` takes one step with ``grads``; with ``skip`` (a 0-dim
+    boolean tensor) true, params and state stay as they were (decided on the device).
+
+    Example::
+
+        >>> import torch
+        >>> from fbrain import optim
+        >>> opt, params = optim.sgd(lr=0.5), {"w": torch.tensor([1.0])}
+        >>> new, _ = optim.apply(opt, {"w": torch.tensor([2.0])}, opt.init(params), params, torch.tensor(True))
+        >>> new["w"]
+        tensor([1.])
+    """
+    if skip is None:
+        skip = torch.zeros((), dtype=torch.bool, device=device_of(params))
+    if tx.apply is not None:
+        return tx.apply(grads, state, params, skip, in_place)
+    return apply_with_update(tx.update, grads, state, params, skip)
+
+
+def apply_with_update(update: Callable, grads: Updates, state: OptState, params: Params,
+                      skip: torch.Tensor) -> tuple[Params, OptState]:
+    """The general ``apply``: ``update``, then :func:`apply_updates`, then a ``torch.where`` per tensor
+    that keeps the old values where ``skip``."""
+    updates, new_state = update(grads, state, params)
+    names = list(updates)
+    new_params = apply_updates({n: params[n] for n in names}, updates)
+    keep = ~skip
+    return {**params, **select(keep, new_params, {n: params[n] for n in names})}, select(keep, new_state, state)
+
+
 def identity() -> GradientTransformation:
     """Passes gradients through unchanged (a building block for ``chain`` and ``partition``)."""
     return GradientTransformation(lambda params: EmptyState(), lambda g, s, p=None: (g, s))
@@ -82,6 +119,7 @@ def frozen() -> GradientTransformation:
         init=lambda params: EmptyState(),
         update=lambda grads, state, params=None: ({}, state),
         frozen=lambda params: frozenset(params),
+        apply=lambda grads, state, params, skip, in_place=False: (params, state),
     )
 
 
@@ -101,11 +139,23 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_state.append(s)
         return grads, tuple(new_state)
 
+    def apply_fn(grads, state, params, skip, in_place=False):
+        # Every transformation but the last transforms the gradients; the last one applies them
+        # (keeping its fused kernel, if it has one).
+        if not transforms:
+            return params, state
+        head = []
+        for t, s in zip(transforms[:-1], state):
+            grads, s = t.update(grads, s, params)
+            head.append(s)
+        new_params, last = apply(transforms[-1], grads, state[-1], params, skip, in_place)
+        return new_params, select(~skip, tuple(head), tuple(state[:-1])) + (last,)
+
     def frozen_fn(params):
         return frozenset().union(*(frozen_names(t, params) for t in transforms))
 
     any_frozen = any(t.frozen is not None for t in transforms)
-    return GradientTransformation(init, update, frozen_fn if any_frozen else None)
+    return GradientTransformation(init, update, frozen_fn if any_frozen else None, apply_fn)
 
 
 def partition(
@@ -122,7 +172,8 @@ def partition(
             lambda name: "encoder" if name.startswith("encoder.") else "head",
         )
     """
-    label_of = labels.__getitem__ if isinstance(labels, dict) else labels
+    # A lambda, not dict.__getitem__, which torch.compile (2.11) cannot trace.
+    label_of = (lambda name: labels[name]) if isinstance(labels, dict) else labels
 
     def groups(names):
         out = {label: [] for label in transforms}
@@ -145,15 +196,28 @@ def partition(
             for label, names in groups(params).items()
         }
 
+    # A group that receives no gradient at all (frozen, held, or left out of this step) keeps its
+    # state as it is, in both functions.
     def update(grads, state, params=None):
-        updates, new_state = {}, {}
+        updates, new_state = {}, dict(state)
         for label, names in groups(grads).items():
-            sub_params = None if params is None else {n: params[n] for n in names}
-            sub_updates, new_state[label] = transforms[label].update(
-                {n: grads[n] for n in names}, state[label], sub_params
-            )
-            updates.update(sub_updates)
+            if names:
+                sub_params = None if params is None else {n: params[n] for n in names}
+                sub_updates, new_state[label] = transforms[label].update(
+                    {n: grads[n] for n in names}, state[label], sub_params
+                )
+                updates.update(sub_updates)
         return updates, new_state
+
+    def apply_fn(grads, state, params, skip, in_place=False):
+        new_params, new_state = dict(params), dict(state)
+        for label, names in groups(params).items():
+            sub_grads = {n: grads[n] for n in names if n in grads}
+            if sub_grads:
+                sub_params, new_state[label] = apply(transforms[label], sub_grads, state[label],
+                                                     {n: params[n] for n in names}, skip, in_place)
+                new_params.update(sub_params)
+        return new_params, new_state
 
     def frozen_fn(params):
         return frozenset().union(
@@ -161,4 +225,4 @@ def partition(
               for label, names in groups(params).items())
         )
 
-    return GradientTransformation(init, update, frozen_fn)
+    return GradientTransformation(init, update, frozen_fn, apply_fn)

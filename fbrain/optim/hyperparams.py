@@ -1,23 +1,23 @@
-"""Hyperparameters as tensors inside the optimizer state.
+"""Hyperparameters inside the optimizer state: tensors where they change, numbers where they don't.
 
-Every optimizer keeps its learning rate, betas, weight decay ... as 0-dim
-tensors in ``state.hyperparams``. A compiled step therefore sees them as
-inputs, not constants: changing one never recompiles, and they are saved with
-the state. A hyperparameter given as a schedule (a function of the update
-count) is re-evaluated on every update and its current value stored.
+Every optimizer keeps its hyperparameters in ``state.hyperparams`` (a dict), so they are saved with
+the state and :func:`set_hyperparams` changes them without rebuilding anything. Each entry is one of:
 
-They are float64 (float32 on MPS, which has no float64) so the arithmetic on
-them (bias corrections, ``1 - beta``) is rounded once, like torch.optim's
-Python floats.
+* a 0-dim **tensor**: the learning rate always (schedulers change it every step or epoch), and any
+  hyperparameter given as a schedule (a function of the update count, re-evaluated every update).
+  A compiled step sees tensors as inputs, so changing one never recompiles. They are float64
+  (float32 on MPS, which has no float64), so the arithmetic on them (bias corrections,
+  ``1 - beta``) is rounded once, like torch.optim's Python floats.
+* a :class:`Static` **number**: every other hyperparameter (betas, eps, weight decay, momentum ...).
+  It lives in the state's tree structure, not in its leaves: ``tree_map(torch.clone, state)``
+  keeps it, a checkpoint stores it, and a step reads it without touching a tensor.
 
-ATen's fused CPU kernels take most hyperparameters as Python floats, and a step must not read a
-tensor to get them. So whenever a hyperparameter tensor is made from a known number (``init``,
-``set_hyperparams``), its value is *mirrored* on the host, keyed by the tensor's identity and
-version counter (:func:`mirrored`). An in-place change bumps the version and a new tensor (a
-schedule's value, a loaded checkpoint) has no entry: in both cases the mirror is not trusted and
-the step takes the multi-tensor path, which does its arithmetic on the tensors.
-:func:`mirror_hyperparams` re-records a state's values (one host read each, outside a step), e.g.
-after loading a checkpoint, to get the fused kernels back.
+Why two kinds: ATen's fused CPU optimizer kernels take the learning rate as a tensor but the other
+hyperparameters as Python numbers, and a step never reads a tensor on the host. Whether the fused
+kernel or the multi-tensor arithmetic runs (they round differently) is therefore decided by the
+state's values and the optimizer's definition alone, never by where the tensors came from: equal
+states give equal results, after a clone, a checkpoint or in another process. A compiled step
+treats a ``Static`` number as a constant (changing one recompiles that step; schedules do not).
 
 Example::
 
@@ -25,33 +25,53 @@ Example::
     >>> from fbrain import optim
     >>> opt = optim.adam(lr=1e-3)
     >>> state = opt.init({"w": torch.zeros(2)})
-    >>> float(optim.get_hyperparams(state)["lr"])
-    0.001
-    >>> state = optim.set_hyperparams(state, lr=5e-4)
-    >>> float(optim.get_hyperparams(state)["lr"])
-    0.0005
+    >>> h = optim.get_hyperparams(state)
+    >>> float(h["lr"]), h["beta1"]
+    (0.001, 0.9)
+    >>> state = optim.set_hyperparams(state, lr=5e-4, beta1=0.8)
+    >>> float(optim.get_hyperparams(state)["lr"]), optim.get_hyperparams(state)["beta1"]
+    (0.0005, 0.8)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Union
 
-import weakref
-
 import torch
+import torch.utils._pytree as pytree
+
+from fbrain.tree import device_of
 
 Schedule = Callable[[torch.Tensor], torch.Tensor]
 Hyperparam = Union[float, Schedule]
 
+#: Hyperparameters kept as tensors even when given as numbers (see the module docstring).
+ALWAYS_TENSORS = frozenset({"lr"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """A hyperparameter held as a Python number in the state's structure (a pytree node with no
+    leaves): ``tree_map`` passes it through unchanged, and reading it never touches a tensor."""
+
+    value: float
+
+    def __post_init__(self):
+        if not isinstance(self.value, (int, float)) or isinstance(self.value, bool):
+            raise TypeError(f"Static: expected a number, got {type(self.value).__name__}")
+        object.__setattr__(self, "value", float(self.value))
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+pytree.register_pytree_node(Static, lambda s: ([], s.value), lambda _, value: Static(value),
+                            serialized_type_name="fbrain.optim.Static")
+
 
 def _dtype_for(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-def device_of(params: dict[str, torch.Tensor]) -> torch.device:
-    for p in params.values():
-        return p.device
-    return torch.device("cpu")
 
 
 def _scalar(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -61,86 +81,53 @@ def _scalar(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor(value, dtype=dtype, device=device)
 
 
-# id(tensor) -> (weak reference to it, its version counter when recorded, its value as a float).
-# A plain dict keyed by id (a lookup is a few hundred nanoseconds); the weak reference's callback
-# drops the entry when the tensor dies, and checking it guards against a reused id.
-_MIRROR: dict[int, tuple] = {}
+def _number(value) -> float:
+    """A hyperparameter's value as a Python float (reads a tensor once: never call it in a step)."""
+    return float(value.reshape(())) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _version(t: torch.Tensor):
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter: never trusted
-        return None
-
-
-def remember(t: torch.Tensor, value: float | None = None) -> torch.Tensor:
-    """Mirror the value of the 0-dim CPU tensor ``t`` on the host: ``value`` if given (it must be
-    what ``float(t)`` gives), otherwise read once (so call it outside a step). Returns ``t``."""
-    if t.device.type == "cpu" and t.numel() == 1 and _version(t) is not None:
-        key = id(t)
-        # Defaults bind the function and dict now: at interpreter exit module globals may be gone
-        # before the last tensors die.
-        ref = weakref.ref(t, lambda _, key=key, forget=_forget, mirror=_MIRROR: forget(key, ref, mirror))
-        _MIRROR[key] = (ref, _version(t), float(t) if value is None else float(value))
-    return t
-
-
-def _forget(key: int, ref, mirror: dict) -> None:
-    entry = mirror.get(key)
-    if entry is not None and entry[0] is ref:
-        del mirror[key]
-
-
-def mirrored(t: torch.Tensor) -> float | None:
-    """``float(t)`` without reading ``t``: the mirrored value, or None if there is none or ``t``
-    changed in place since it was recorded."""
-    entry = _MIRROR.get(id(t))
-    if entry is None or entry[0]() is not t or entry[1] != _version(t):
-        return None
-    return entry[2]
-
-
-def mirror_hyperparams(opt_state: Any) -> Any:
-    """Mirror every hyperparameter of ``opt_state`` on the host (one read each; not inside a step),
-    so the fused CPU kernels serve a state whose tensors were made elsewhere (a loaded checkpoint).
-    Returns ``opt_state`` unchanged."""
-    def record(hp):
-        for v in hp.values():
-            if isinstance(v, torch.Tensor) and mirrored(v) is None:
-                remember(v)
-        return hp
-
-    _walk(opt_state, record)
-    return opt_state
-
-
-def _known(value, t: torch.Tensor) -> torch.Tensor:
-    """``t`` made from ``value``, mirrored when ``float(t) == value`` is certain without a read."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and t.dtype == torch.float64:
-        remember(t, value)
-    return t
-
-
-def init(params: dict[str, torch.Tensor], **values: Hyperparam) -> dict[str, torch.Tensor]:
-    """0-dim tensors for ``values``; a schedule is stored as its value at count 0."""
+def init(params: dict[str, torch.Tensor], **values: Hyperparam) -> dict[str, Any]:
+    """The hyperparameters of a fresh state: tensors for the learning rate and schedules (a schedule
+    stored as its value at count 0), :class:`Static` numbers for the rest."""
     device = device_of(params)
     dtype = _dtype_for(device)
     zero = torch.zeros((), dtype=torch.int64, device=device)
-    return {
-        name: (v(zero).to(device=device, dtype=dtype) if callable(v) else _known(v, _scalar(v, dtype, device)))
-        for name, v in values.items()
-    }
+    out: dict[str, Any] = {}
+    for name, v in values.items():
+        if callable(v):
+            out[name] = torch.as_tensor(v(zero)).to(device=device, dtype=dtype).reshape(())
+        elif name in ALWAYS_TENSORS:
+            out[name] = _scalar(v, dtype, device)
+        else:
+            out[name] = Static(_number(v))
+    return out
 
 
-def current(
-    hyperparams: dict[str, torch.Tensor], schedules: dict[str, Hyperparam], count: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def current(hyperparams: dict[str, Any], schedules: dict[str, Hyperparam], count: torch.Tensor) -> dict[str, Any]:
     """``hyperparams`` with every scheduled entry replaced by its value at ``count``."""
     out = dict(hyperparams)
     for name, value in schedules.items():
         if callable(value):
             out[name] = torch.as_tensor(value(count)).to(hyperparams[name])
+    return out
+
+
+def as_tensors(hyperparams: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every hyperparameter as a 0-dim tensor, for the multi-tensor arithmetic (a ``Static`` number
+    becomes a float64 tensor made from it, so the arithmetic is the same whichever kind it is)."""
+    dtype = _dtype_for(device)
+    return {k: torch.tensor(v.value, dtype=dtype, device=device) if isinstance(v, Static) else v
+            for k, v in hyperparams.items()}
+
+
+def host_values(hyperparams: dict[str, Any], names: list[str]) -> dict[str, float] | None:
+    """The Python numbers of ``names`` (all :class:`Static`), or None if one is a tensor (scheduled)."""
+    out = {}
+    for name in names:
+        value = hyperparams[name]
+        if not isinstance(value, Static):
+            return None
+        out[name] = value.value
     return out
 
 
@@ -196,13 +183,14 @@ def _walk(state: Any, fn: Callable[[dict], dict]) -> Any:
     return state
 
 
-def get_hyperparams(opt_state: Any) -> dict[str, torch.Tensor]:
-    """The hyperparameters found in ``opt_state`` (the first value seen for each name)."""
-    found: dict[str, torch.Tensor] = {}
+def get_hyperparams(opt_state: Any) -> dict[str, Any]:
+    """The hyperparameters found in ``opt_state`` (the first value seen for each name): 0-dim
+    tensors, and Python floats for the :class:`Static` ones."""
+    found: dict[str, Any] = {}
 
     def collect(hp):
         for k, v in hp.items():
-            found.setdefault(k, v)
+            found.setdefault(k, v.value if isinstance(v, Static) else v)
         return hp
 
     _walk(opt_state, collect)
@@ -210,7 +198,8 @@ def get_hyperparams(opt_state: Any) -> dict[str, torch.Tensor]:
 
 
 def set_hyperparams(opt_state: Any, **values: float | torch.Tensor) -> Any:
-    """A new optimizer state with the named hyperparameters set everywhere they occur.
+    """A new optimizer state with the named hyperparameters set everywhere they occur (between
+    steps: a tensor given for a :class:`Static` entry is read once).
 
     Raises ``KeyError`` for a name no optimizer in ``opt_state`` has.
     """
@@ -221,12 +210,8 @@ def set_hyperparams(opt_state: Any, **values: float | torch.Tensor) -> Any:
         for k, v in values.items():
             if k in hp:
                 seen.add(k)
-                new[k] = _scalar(v, hp[k].dtype, hp[k].device)
-                # set_hyperparams runs between steps: a tensor value may be read here, once.
-                if isinstance(v, torch.Tensor):
-                    remember(new[k])
-                else:
-                    _known(v, new[k])
+                old = hp[k]
+                new[k] = Static(_number(v)) if isinstance(old, Static) else _scalar(v, old.dtype, old.device)
         return new
 
     new_state = _walk(opt_state, assign)

@@ -28,7 +28,7 @@ class RMSpropState(NamedTuple):
     square_avg: dict[str, torch.Tensor]
     grad_avg: dict[str, torch.Tensor]
     momentum_buffer: dict[str, torch.Tensor]
-    hyperparams: dict[str, torch.Tensor]
+    hyperparams: dict  # name -> 0-dim tensor or hp.Static (see fbrain.optim.hyperparams)
 
 
 def rmsprop(
@@ -60,12 +60,13 @@ def rmsprop(
 
     def update(grads, state, params=None):
         h = hp.current(state.hyperparams, schedules, state.count)
+        x = hp.as_tensors(h, state.count.device)
         names, g = ordered(grads)
-        g = decayed_gradients(g, names, params, h["weight_decay"] if has_decay else None, maximize)
+        g = decayed_gradients(g, names, params, x["weight_decay"] if has_decay else None, maximize)
         c = lambda value: hp.scalar(value, g)  # noqa: E731
-        one_minus_alpha = c(1 - h["alpha"])
+        one_minus_alpha = c(1 - x["alpha"])
 
-        square_avg = fe.mul([state.square_avg[n] for n in names], c(h["alpha"]))
+        square_avg = fe.mul([state.square_avg[n] for n in names], c(x["alpha"]))
         g2 = fe.mul(g, g)
         fe.mul_(g2, one_minus_alpha)
         fe.add_(square_avg, g2)
@@ -81,16 +82,16 @@ def rmsprop(
             avg = fe.sqrt(avg)
         else:
             avg = fe.sqrt(square_avg)
-        fe.add_(avg, c(h["eps"]))
+        fe.add_(avg, c(x["eps"]))
 
         step = fe.div(g, avg)
         buffers = state.momentum_buffer
         if has_momentum:
-            step_buf = fe.mul([buffers[n] for n in names], c(h["momentum"]))
+            step_buf = fe.mul([buffers[n] for n in names], c(x["momentum"]))
             fe.add_(step_buf, step)
             buffers = {**buffers, **dict(zip(names, step_buf))}
             step = step_buf
-        updates = fe.mul(step, c(-h["lr"]))
+        updates = fe.mul(step, c(-x["lr"]))
         new_state = RMSpropState(
             state.count + 1, {**state.square_avg, **dict(zip(names, square_avg))}, grad_avg, buffers, h
         )

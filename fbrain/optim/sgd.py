@@ -21,13 +21,13 @@ from fbrain.optim import hyperparams as hp
 from fbrain.optim import _foreach as fe
 from fbrain.optim import _fused
 from fbrain.optim._foreach import decayed_gradients, ordered
-from fbrain.optim.base import GradientTransformation
+from fbrain.optim.base import GradientTransformation, apply_with_update
 
 
 class SGDState(NamedTuple):
     count: torch.Tensor
     momentum_buffer: dict[str, torch.Tensor]
-    hyperparams: dict[str, torch.Tensor]
+    hyperparams: dict  # name -> 0-dim tensor or hp.Static (see fbrain.optim.hyperparams)
 
 
 def sgd(
@@ -62,33 +62,32 @@ def sgd(
 
     def update(grads, state, params=None):
         h = hp.current(state.hyperparams, schedules, state.count)
+        x = hp.as_tensors(h, state.count.device)
         names, g = ordered(grads)
-        g = decayed_gradients(g, names, params, h["weight_decay"] if has_decay else None, maximize)
+        g = decayed_gradients(g, names, params, x["weight_decay"] if has_decay else None, maximize)
         buffers = state.momentum_buffer
         if has_momentum:
             # torch starts the buffer as a copy of the first gradient; with a zero buffer,
             # momentum 0 and dampening 0 on the first update give exactly that.
             first = state.count == 0
-            mom = torch.where(first, torch.zeros_like(h["momentum"]), h["momentum"])
-            keep = torch.where(first, torch.ones_like(h["dampening"]), 1 - h["dampening"])
+            mom = torch.where(first, torch.zeros_like(x["momentum"]), x["momentum"])
+            keep = torch.where(first, torch.ones_like(x["dampening"]), 1 - x["dampening"])
             buf = fe.mul([buffers[n] for n in names], hp.scalar(mom, g))
             fe.add_(buf, fe.mul(g, hp.scalar(keep, g)))
             buffers = {**buffers, **dict(zip(names, buf))}
             if nesterov:
-                g = fe.add(g, fe.mul(buf, hp.scalar(h["momentum"], g)))
+                g = fe.add(g, fe.mul(buf, hp.scalar(x["momentum"], g)))
             else:
                 g = buf
-        updates = fe.mul(g, hp.scalar(-h["lr"], g))
+        updates = fe.mul(g, hp.scalar(-x["lr"], g))
         return dict(zip(names, updates)), SGDState(state.count + 1, buffers, h)
 
-    def fused_apply(grads, state, params, skip, in_place=False):
-        """ATen's fused CPU SGD (see :mod:`fbrain.optim._fused`); None where it does not apply."""
+    def fused(grads, state, params, skip, in_place):
+        """ATen's fused CPU SGD (see :mod:`fbrain.optim._fused`); None where it does not serve."""
         names, g = ordered(grads)
         h = hp.current(state.hyperparams, schedules, state.count)
-        if not _fused.serves(g, h):
-            return None
-        f = _fused.host_values(h, (["weight_decay"] if has_decay else [])
-                               + (["momentum", "dampening"] if has_momentum else []))
+        f = _fused.host_numbers(g, h, (["weight_decay"] if has_decay else [])
+                                + (["momentum", "dampening"] if has_momentum else []))
         if f is None or f.get("dampening", 0.0) != 0.0:
             # With dampening torch's first step differs from the later ones (the buffer starts as
             # the plain gradient); telling them apart would read the count: the general path does.
@@ -108,4 +107,8 @@ def sgd(
         new_state = SGDState(torch.where(skip, state.count, state.count + 1), momentum_buffer, h)
         return {**params, **dict(zip(names, new_p))}, new_state
 
-    return GradientTransformation(init, update, fused_apply=fused_apply)
+    def apply(grads, state, params, skip, in_place=False):
+        # The fused kernel where it serves, else the arithmetic of `update` (see adam's apply).
+        return fused(grads, state, params, skip, in_place) or apply_with_update(update, grads, state, params, skip)
+
+    return GradientTransformation(init, update, apply=apply)
