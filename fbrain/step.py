@@ -48,7 +48,7 @@ from fbrain.optim.base import GradientTransformation, frozen_names
 from fbrain.precision import autocast, autocast_dtype
 from fbrain.state import TrainState, check_state
 from fbrain.tree import device_of
-from fbrain.update import UpdateRule, apply_gradients, is_finite
+from fbrain.update import UpdateRule, apply_gradients
 
 
 def _cuda_devices(state: TrainState) -> tuple[torch.device, ...]:
@@ -103,6 +103,7 @@ class TrainStep(_RandomnessFromState):
         self.per_example = bool(per_example)
         self.process_group = process_group
         self._batch_spec = None
+        self._trainable: dict = {}  # parameter names -> those the optimizer does not freeze
 
     @property
     def optimizer(self) -> GradientTransformation:
@@ -134,13 +135,21 @@ class TrainStep(_RandomnessFromState):
                 # One collective per step, after the local micro-batches: all ranks then agree bit for bit.
                 grads, loss = mean_across_ranks(grads, loss, self.process_group)
             rule = self.rule.replace(max_grad_norm=None) if self.per_example else self.rule
-            new_state, metrics = apply_gradients(state, grads, rule, loss_finite=is_finite(loss), buffers=buffers)
+            new_state, metrics = apply_gradients(state, grads, rule, loss=loss, buffers=buffers)
         return new_state, {**aux, **metrics, "loss": loss}
+
+    def trainable(self, params: dict) -> list[str]:
+        """The names of ``params`` that get gradients (a function of the names alone, kept)."""
+        names = tuple(params)
+        if names not in self._trainable:
+            frozen = frozen_names(self.rule.optimizer, params)
+            self._trainable[names] = [n for n in names if n not in frozen]
+        return self._trainable[names]
 
     def gradients(self, state: TrainState, batch: Any) -> tuple[torch.Tensor, dict, dict, dict]:
         """``(loss, grads, buffers, aux)`` of one step, summed over its micro-batches."""
         params, rule, k = state.params, self.rule, self.accumulation
-        trainable = [n for n in params if n not in frozen_names(rule.optimizer, params)]
+        trainable = self.trainable(params)
         # SpeechBrain's accumulation: each micro-batch contributes loss / k.
         multiplier = state.scaler.scale / k if rule.fp16 else (None if k == 1 else 1.0 / k)
         context = functools.partial(autocast, rule.precision, device_of(params))

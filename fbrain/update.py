@@ -113,7 +113,7 @@ def apply_gradients(
     grads: Grads,
     rule: UpdateRule,
     *,
-    loss_finite: torch.Tensor | None = None,
+    loss: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     buffers: dict[str, torch.Tensor] | None = None,
     scaled: bool = True,
@@ -122,8 +122,9 @@ def apply_gradients(
     """The state after one step with ``grads`` (name -> gradient, the trainable parameters).
 
     Args:
-        loss_finite: whether the loss (all of a step's micro-batch losses) was finite; None when
-            it is not known (an imperative ``loss.backward()``): the gradients decide alone.
+        loss: the step's loss, or any 0-dim tensor that is finite exactly when it is (the imperative
+            path sums ``x - x`` over the losses it saw: 0, or NaN); None when it is not known (an
+            imperative ``loss.backward()``): the gradients decide alone.
         found_inf: a non-finite flag found earlier (``scaler.unscale_`` before a recipe's own
             clipping: an overflowing norm is clipped to zeros, which look finite afterwards).
         buffers: buffers the forward pass produced (BatchNorm statistics); kept only if applied.
@@ -138,9 +139,8 @@ def apply_gradients(
     if rule.fp16 and scaled:
         grads = unscale(grads, state.scaler)
     grad_norm = global_norm(list(grads.values())) if grads else torch.zeros((), device=device_of(state.params))
-    finite = is_finite(grad_norm)
-    if loss_finite is not None:
-        finite = finite & loss_finite
+    # x - x is 0 for a finite x and NaN otherwise, and a NaN survives the sum: one comparison checks both.
+    finite = is_finite(grad_norm) if loss is None else (grad_norm - grad_norm) + (loss - loss) == 0
     if found_inf is not None:
         finite = finite & ~found_inf
     skipped = ~finite
@@ -150,8 +150,10 @@ def apply_gradients(
     # Under fp16, gradients that overflow while the loss is finite are the loss scale doing its job
     # (GradScaler skips them silently and backs off): skipped, but not a non-finite step, so
     # nonfinite_patience never ends a healthy fp16 run.
-    nonfinite = skipped & ~loss_finite if rule.fp16 and loss_finite is not None else \
-        (torch.zeros_like(skipped) if rule.fp16 else skipped)
+    if not rule.fp16:
+        nonfinite = skipped
+    else:
+        nonfinite = skipped & ~is_finite(loss) if loss is not None else torch.zeros_like(skipped)
     new_state = state.replace(
         params=params,
         buffers=state.buffers if buffers is None else select(finite, buffers, state.buffers),

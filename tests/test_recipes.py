@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import soundfile
 import torch
 
+import fbrain
 from fbrain.checkpoint import Checkpointer
 from fbrain.recipes import default_data
 
@@ -66,6 +68,23 @@ def test_separation_recipe_trains_writes_its_outputs_and_resumes(samples, tmp_pa
         epochs = [line.split(",")[0] for line in f if line.startswith("epoch")]
     assert epochs == ["epoch: 1", "epoch: 2", "epoch: 3", "epoch: 4"]
     assert "SI-SNRi" in done.stdout
+
+
+def test_separation_recipe_trains_three_epochs_in_fp16(samples, tmp_path):
+    # The LibriMix seed's fit_batch (scaler.scale, unscale_, its own clip_grad_norm_, scaler.step,
+    # scaler.update) under fp16: the loss scale backs off from 2**16 during the first steps. Those
+    # back-offs are not non-finite steps: counting them ended the run at nonfinite_patience (3) after
+    # 4 healthy steps. Short crops keep it quick; 8 steps an epoch leave room for the old failure.
+    out = tmp_path / "sep16"
+    run_recipe("separation", "--data_folder", str(samples / "separation"), "--output_folder", str(out),
+               "--train_minutes", "null", "--N_epochs", "3", "--precision", "fp16", "--train_repeats", "4",
+               "--training_signal_len", "4000", "--save_audio", "False")
+    rows = curves(out)
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert all(math.isfinite(row["train_loss"]) for row in rows), rows
+    brain_file = Checkpointer(out / "save").list_checkpoints()[0].paramfiles["brain"]
+    state = fbrain.checkpoint.load(brain_file)["state"]
+    assert int(state.counters.nonfinite_count) == 0 and float(state.scaler.scale) < 2.0 ** 16
 
 
 def test_enhancement_recipe_lowers_validation_mse_and_writes_enhanced_audio(samples, tmp_path):

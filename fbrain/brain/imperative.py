@@ -48,7 +48,8 @@ class ImperativeUpdates:
         self.layout = None
         self._transformations: dict = {}
         self._unscaled: dict[int, torch.Tensor] = {}  # id(view) -> norm not finite before clipping
-        self._loss_finite: torch.Tensor | None = None  # every loss scaled since the last step was finite
+        # Sum of (x - x) over every loss scaled since the last step: 0, or NaN if one was not finite.
+        self._loss_flag: torch.Tensor | None = None
         self._skipped: list[torch.Tensor] = []  # steps since the last scaler.update()
 
     def use_layout(self, layout) -> None:
@@ -66,8 +67,8 @@ class ImperativeUpdates:
         """``outputs`` times the loss scale (fp16), recording whether they are finite."""
         for t in (outputs if isinstance(outputs, (list, tuple)) else [outputs]):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
-                finite = is_finite(t.detach()).all() if t.ndim else is_finite(t.detach())
-                self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+                flag = (t.detach() - t.detach()).sum().float()
+                self._loss_flag = flag if self._loss_flag is None else self._loss_flag + flag
         if not self.rule.fp16:
             return outputs
         scale = self.owner.state.scaler.scale
@@ -113,11 +114,11 @@ class ImperativeUpdates:
         self.update_loss_scale()
 
     def _apply(self, grads, rule, found_inf, scaled) -> None:
-        state, metrics = apply_gradients(self.owner.state, grads, rule, loss_finite=self._loss_finite,
+        state, metrics = apply_gradients(self.owner.state, grads, rule, loss=self._loss_flag,
                                          found_inf=found_inf, scaled=scaled, update_loss_scale=False)
         self.owner.state = state
         self._skipped.append(metrics["skipped"])
-        self._loss_finite = None
+        self._loss_flag = None
 
     def update_loss_scale(self, new_scale=None) -> None:
         """``scaler.update()``: back off if a step since the last update was skipped, else grow on

@@ -175,7 +175,15 @@ def partition(
     # A lambda, not dict.__getitem__, which torch.compile (2.11) cannot trace.
     label_of = (lambda name: labels[name]) if isinstance(labels, dict) else labels
 
+    cache: dict = {}  # names -> groups: a function of the names alone, computed once per set of names
+
     def groups(names):
+        key = tuple(names)
+        if key not in cache:
+            cache[key] = _groups(key)
+        return cache[key]
+
+    def _groups(names):
         out = {label: [] for label in transforms}
         for name in names:
             try:
