@@ -27,6 +27,7 @@ from torch.func import vmap
 
 from fbrain.state import TrainState
 from fbrain.state import check_state
+from fbrain.optim.hyperparams import get_hyperparams
 from fbrain.step import TrainStep
 from fbrain.tree import tree_flatten, tree_map
 
@@ -39,6 +40,14 @@ def stack_states(states: list[TrainState]) -> TrainState:
     for i, s in enumerate(states[1:], start=1):
         check_state(s)
         if tree_flatten(s)[1] != spec:
+            first, this = get_hyperparams(states[0].opt_state), get_hyperparams(s.opt_state)
+            differ = sorted(k for k in first if k in this and not isinstance(first[k], torch.Tensor)
+                            and first[k] != this[k])
+            if differ:
+                raise ValueError(
+                    f"stack_states: states[{i}] has {differ[0]}={this[differ[0]]}, states[0] has {first[differ[0]]}; "
+                    "hyperparameters given as numbers (all but the learning rate) must agree across an "
+                    "ensemble: give it as a schedule (optim.schedules.constant(...)) to make it a tensor")
             raise ValueError(f"stack_states: states[{i}] has a different structure from states[0]")
     return tree_map(lambda *xs: torch.stack(xs) if isinstance(xs[0], torch.Tensor) else xs[0], *states)
 

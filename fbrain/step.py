@@ -101,6 +101,8 @@ class TrainStep(_RandomnessFromState):
         self.rule = rule
         self.accumulation = accumulation
         self.per_example = bool(per_example)
+        # Per-example steps clip each example's gradient (in `gradients`), not their mean.
+        self._apply_rule = rule.replace(max_grad_norm=None) if self.per_example else rule
         self.process_group = process_group
         self._batch_spec = None
         self._trainable: dict = {}  # parameter names -> those the optimizer does not freeze
@@ -134,13 +136,14 @@ class TrainStep(_RandomnessFromState):
             if self.process_group is not None:
                 # One collective per step, after the local micro-batches: all ranks then agree bit for bit.
                 grads, loss = mean_across_ranks(grads, loss, self.process_group)
-            rule = self.rule.replace(max_grad_norm=None) if self.per_example else self.rule
-            new_state, metrics = apply_gradients(state, grads, rule, loss=loss, buffers=buffers)
+            new_state, metrics = apply_gradients(state, grads, self._apply_rule, loss=loss, buffers=buffers)
         return new_state, {**aux, **metrics, "loss": loss}
 
     def trainable(self, params: dict) -> list[str]:
         """The names of ``params`` that get gradients (a function of the names alone, kept)."""
         names = tuple(params)
+        if torch.compiler.is_compiling():  # a cache filled while tracing would fail the guards next call
+            return [n for n in names if n not in frozen_names(self.rule.optimizer, params)]
         if names not in self._trainable:
             frozen = frozen_names(self.rule.optimizer, params)
             self._trainable[names] = [n for n in names if n not in frozen]

@@ -464,3 +464,22 @@ def test_fit_again_starts_a_fresh_optimizer_unless_init_optimizers_keeps_it():
     assert int(kept.state.opt_state["opt_class"].count) == 4 and int(fresh.state.opt_state["opt_class"].count) == 2
     assert all(torch.equal(kept.state.params[k], once.state.params[k]) for k in once.state.params)
     assert not torch.equal(fresh.state.params["model.weight"], once.state.params["model.weight"])
+
+
+def test_an_epoch_cut_short_by_an_error_starts_afresh_at_the_next_fit():
+    class FailOnce(RegressionBrain):
+        failed = False
+
+        def on_fit_batch_end(self, batch, outputs, loss, should_step):
+            self.seen += 1
+            if self.step == 3 and not self.failed:
+                self.failed = True
+                raise KeyboardInterrupt
+
+    brain = FailOnce({"model": linear()}, opt_class=lambda p: torch.optim.SGD(p, lr=0.1), run_opts=QUIET)
+    brain.seen = 0
+    with pytest.raises(KeyboardInterrupt):
+        brain.fit(range(1), regression_data(10), train_loader_kwargs={"batch_size": 2})
+    brain.seen = 0
+    brain.fit(range(1), regression_data(10), train_loader_kwargs={"batch_size": 2})
+    assert brain.seen == 5  # every batch, none skipped as if resumed

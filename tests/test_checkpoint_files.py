@@ -168,6 +168,29 @@ def test_foreign_extension_types_and_unregistered_names_are_refused():
     named = msgpack.ExtType(3, msgpack.packb(["os.system", {"command": "true"}]))
     with pytest.raises(checkpoint.CheckpointError, match="'os.system' is not registered"):
         checkpoint.from_bytes(with_tree({"x": named}))
+    # A registered type with fields it cannot have is a CheckpointError too (recovery falls back on it).
+    for fields in ({"value": "0.9"}, {"value": float("nan")}, {"other": 1.0}, {}):
+        static = msgpack.ExtType(3, msgpack.packb(["fbrain.optim.hyperparams.Static", fields]))
+        with pytest.raises(checkpoint.CheckpointError, match="Static with fields it cannot have"):
+            checkpoint.from_bytes(with_tree({"x": static}))
+
+
+def test_hyperparameters_saved_as_tensors_by_older_versions_load_as_static_numbers(tmp_path):
+    model = mlp(0)
+    opt = optim.adamw(1e-3, betas=(0.8, 0.99), weight_decay=0.1)
+    state = fbrain.TrainState.create(model, opt)
+    # What fbrain wrote before hyperparameters were Static numbers: every one a float64 0-dim tensor.
+    old = state.replace(opt_state=state.opt_state._replace(hyperparams={
+        k: torch.tensor(float(v), dtype=torch.float64) for k, v in optim.get_hyperparams(state.opt_state).items()}))
+    checkpoint.save(tmp_path / "old.ckpt", old)
+    loaded = checkpoint.load(tmp_path / "old.ckpt", state)
+    assert trees_equal(loaded, state)
+    assert loaded.opt_state.hyperparams["beta1"] == optim.Static(0.8)
+    nan = old.replace(opt_state=old.opt_state._replace(hyperparams={**old.opt_state.hyperparams,
+                                                                    "eps": torch.tensor(float("nan"))}))
+    checkpoint.save(tmp_path / "nan.ckpt", nan)
+    with pytest.raises(checkpoint.CheckpointError, match=r"hyperparams\['eps'\].*finite"):
+        checkpoint.load(tmp_path / "nan.ckpt", state)
 
 
 def test_saving_something_unsupported_is_named():

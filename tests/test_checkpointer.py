@@ -9,7 +9,7 @@ import torch
 import yaml
 
 import fbrain
-from conftest import RegressionBrain
+from conftest import RegressionBrain, trees_equal
 from fbrain import checkpoint
 from fbrain.checkpoint import Checkpointer, mark_as_loader, mark_as_saver
 
@@ -197,3 +197,26 @@ def test_lr_schedulers_and_generators_are_recoverables(tmp_path):
     Checkpointer(tmp_path, {"sched": fresh, "gen": gen}).recover_if_possible()
     assert fresh.last_epoch == 3 and fresh.get_last_lr() == sched.get_last_lr()
     assert torch.equal(torch.rand(2, generator=gen), expected)
+
+
+def test_a_brain_checkpoint_of_fbrain_0_1_with_one_optimizer_is_recovered(tmp_path):
+    # fbrain 0.1 kept a Brain's single optimizer state bare (no {label: state} partition) and its
+    # hyperparameters as tensors; such a checkpoint recovers into today's layout unchanged.
+    make = lambda: Regression({"model": torch.nn.Linear(3, 2)}, lambda p: torch.optim.Adam(p, lr=0.01),  # noqa: E731
+                              run_opts={"noprogressbar": True}, checkpointer=Checkpointer(tmp_path / "ckpts"))
+    torch.manual_seed(0)
+    brain = make()
+    ckpt = brain.checkpointer
+    brain.fit(range(1), regression_data(), train_loader_kwargs={"batch_size": 4})
+    ckpt.save_checkpoint()
+    path = ckpt.list_checkpoints()[0].paramfiles["brain"]
+    record = checkpoint.load(path)
+    adam = record["state"].opt_state["opt_class"]
+    old_adam = adam._replace(hyperparams={k: torch.tensor(float(v), dtype=torch.float64)
+                                          for k, v in fbrain.optim.get_hyperparams(adam).items()})
+    checkpoint.save(path, {**record, "state": record["state"].replace(opt_state=old_adam)})
+    torch.manual_seed(0)
+    again = make()
+    again.fit(range(0), regression_data(), train_loader_kwargs={"batch_size": 4})  # recovers, trains nothing
+    assert trees_equal(again.state, brain.state)
+    assert int(again.state.counters.optimizer_step) == 3

@@ -126,3 +126,13 @@ def test_stack_states_names_a_mismatch():
         fbrain.stack_states([a, b])
     with pytest.raises(ValueError, match="at least one"):
         fbrain.stack_states([])
+
+
+def test_stacking_states_whose_static_hyperparameters_differ_names_the_hyperparameter():
+    model = mlp(0)
+    a = fbrain.TrainState.create(model, optim.adam(1e-3, betas=(0.9, 0.999)))
+    b = fbrain.TrainState.create(model, optim.adam(1e-2, betas=(0.8, 0.999)))
+    with pytest.raises(ValueError, match=r"states\[1\] has beta1=0.8, states\[0\] has 0.9.*schedule"):
+        fbrain.stack_states([a, b])
+    # Learning rates are tensors: those may differ.
+    fbrain.stack_states([a, fbrain.TrainState.create(model, optim.adam(1e-2, betas=(0.9, 0.999)))])

@@ -73,7 +73,9 @@ class SpeechBrainStyle(PureBrain):
             with self.training_ctx:
                 outputs = self.compute_forward(batch, fbrain.Stage.TRAIN)
                 loss = self.compute_objectives(outputs, batch, fbrain.Stage.TRAIN)
-            self.scaler.scale(loss / k).backward()
+            scaled_loss = self.scaler.scale(loss / k)
+            self.check_loss_isfinite(scaled_loss)  # SpeechBrain's own check: counted once, not twice
+            scaled_loss.backward()
         if should_step:
             self.optimizers_step()
         return loss.detach()
@@ -174,3 +176,75 @@ def test_a_plain_optimizer_step_skips_a_non_finite_loss_like_the_pure_step():
         brains.append(brain)
     assert trees_equal(comparable(brains[0].state), comparable(brains[1].state))
     assert int(brains[1].state.counters.nonfinite_count) == 2
+
+
+def test_a_step_a_recipe_skipped_leaves_nothing_behind_for_the_next():
+    # A recipe that sees a non-finite loss and skips the step (zero_grad, no optimizer.step) must
+    # not make the next, healthy step skip too.
+    class Skipping(PureBrain):
+        def fit_batch(self, batch):
+            self.optimizer.zero_grad()
+            outputs = self.compute_forward(batch, fbrain.Stage.TRAIN)
+            loss = self.compute_objectives(outputs, batch, fbrain.Stage.TRAIN)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            if torch.isfinite(loss):
+                self.optimizer.step()
+            return loss.detach()
+
+    brain = Skipping({"net": Net()}, opt_class=lambda p: torch.optim.SGD(p, lr=0.1), run_opts={"noprogressbar": True})
+    brain.fit(range(1), make_data([NAN_LOSS, NORMAL, NAN_LOSS, NORMAL]), train_loader_kwargs={"batch_size": 4})
+    c = brain.state.counters
+    assert (int(c.step), int(c.optimizer_step), int(c.nonfinite_count)) == (2, 2, 0)
+
+
+class DeepNet(Net):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.hidden = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(4))
+
+    def forward(self, x):
+        for layer in self.hidden:
+            x = torch.tanh(layer(x))
+        return self.linear(x)
+
+
+class TwoOptimizers(PureBrain):
+    """Two SGD optimizers whose parameters are listed against the modules' order: the global norm
+    over their gradients (whose rounding depends on the order) is taken in the state's order on both
+    paths."""
+
+    def init_optimizers(self):
+        params = list(self.modules.net.parameters())[::-1]
+        self.first = torch.optim.SGD(params[:5], lr=0.05)
+        self.second = torch.optim.SGD(params[5:], lr=0.1, momentum=0.9)
+        self.optimizers_dict = {"first": self.first, "second": self.second}
+
+
+class TwoOptimizersImperative(TwoOptimizers, SpeechBrainStyle):
+    pass
+
+
+def test_several_optimizers_in_any_order_give_the_pure_steps_state():
+    states = []
+    for cls in (TwoOptimizers, TwoOptimizersImperative):
+        brain = cls({"net": DeepNet()}, run_opts={"noprogressbar": True, "max_grad_norm": 0.05, "nonfinite_patience": 100})
+        brain.fit(range(2), make_data(), train_loader_kwargs={"batch_size": 4})
+        states.append(comparable(brain.state))
+    assert trees_equal(*states)
+
+
+def test_an_optimizer_a_recipe_replaces_is_adopted_before_the_next_step():
+    class Replacing(SpeechBrainStyle):
+        def on_stage_start(self, stage, epoch=None):
+            if epoch == 2:  # a recipe switching optimizers between epochs
+                self.optimizer = torch.optim.SGD(self.modules.parameters(), lr=0.1)
+                self.optimizers_dict = {"optimizer": self.optimizer}
+
+    brain = Replacing({"net": Net()}, opt_class=lambda p: torch.optim.Adam(p, lr=1e-2),
+                      run_opts={"noprogressbar": True, "nonfinite_patience": 100})
+    brain.fit(range(1, 3), make_data([NORMAL] * 3), train_loader_kwargs={"batch_size": 4})
+    assert isinstance(brain.optimizer, fbrain.brain.views.OptimizerView)
+    assert type(brain.state.opt_state["optimizer"]).__name__ == "SGDState"
+    assert int(brain.state.opt_state["optimizer"].count) == 3  # the SGD steps of epoch 2 applied

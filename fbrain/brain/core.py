@@ -127,8 +127,8 @@ class Brain:
         self.optimizer_step = 0
         self.training_ctx = PrecisionContext(self.precision, self.device_type)
         self.evaluation_ctx = PrecisionContext(self.eval_precision, self.device_type)
-        self.loss_scale = DynamicLossScale()
-        self._imperative = ImperativeUpdates(self, self.precision, self.loss_scale, GradientSync())
+        # Fixed for the Brain's life, as SpeechBrain's GradScaler is: both paths use this rule.
+        self._imperative = ImperativeUpdates(self, self.precision, DynamicLossScale(), GradientSync())
         self.scaler = ScalerView(self._imperative, enabled=self.precision == "fp16")
         if not self.tqdm_colored_bar:
             self.tqdm_barcolor = dict.fromkeys(self.tqdm_barcolor, None)
@@ -136,7 +136,7 @@ class Brain:
         self._binding = Binding(self.modules)
         self._state: TrainState | None = None
         self._layout: OptimizerLayout | None = None
-        self._steps = DefaultSteps(self)
+        self._steps = DefaultSteps(self, self._imperative.rule.loss_scale)
         self._pending: list = []
         custom_average = type(self).update_average is not Brain.update_average
         self._train_loss = TrainLoss(self.update_average if custom_average else None)
@@ -170,7 +170,7 @@ class Brain:
         self._steps.clear()
         tx = layout.transformation()
         if self._state is None:
-            self.state = TrainState.create(self.modules, tx, seed=self.seed, loss_scale=self.loss_scale)
+            self.state = TrainState.create(self.modules, tx, seed=self.seed, loss_scale=self._imperative.rule.loss_scale)
         else:
             self.state = self._state.replace(opt_state=tx.init(self._state.params))
 
@@ -200,8 +200,11 @@ class Brain:
     @mark_as_loader
     def _recover(self, path, end_of_epoch=True):
         record = _checkpoint.load(path, device=self.device)
+        saved = record["state"]
+        if self._layout is not None and isinstance(saved, TrainState):
+            saved = saved.replace(opt_state=self._layout.upgrade(saved.opt_state))
         # Strict where it matters: the saved state must fit the modules and optimizers we have.
-        state = record["state"] if self._state is None else _checkpoint.restore(record["state"], self._state)
+        state = saved if self._state is None else _checkpoint.restore(saved, self._state)
         self.state = state
         self.optimizer_step = record["optimizer_step"]
         if not end_of_epoch:
@@ -276,6 +279,7 @@ class Brain:
     def optimizers_step(self):
         """Unscale, clip (every parameter of every optimizer together) and step, for imperative
         recipes: one :func:`fbrain.update.apply_gradients`, as the pure step's."""
+        self.ensure_state()  # a recipe may have replaced an optimizer since the last step
         if self.optimizers_dict is not None:
             valid = self.freeze_optimizers(self.optimizers_dict)
         elif self.optimizer is not None:
@@ -337,6 +341,7 @@ class Brain:
 
     def _run_train_step(self, batches: list):
         """One pure step on ``batches`` (micro-batches when more than one); returns (loss, outputs)."""
+        self.ensure_state()  # a recipe may have replaced an optimizer since the last step
         active = None
         if type(self).freeze_optimizers is not Brain.freeze_optimizers and self.optimizers_dict:
             chosen = self.freeze_optimizers(self.optimizers_dict)
@@ -386,15 +391,20 @@ class Brain:
         self._nonfinite_extra = int(value) - self.nonfinite_count
 
     def check_loss_isfinite(self, loss):
-        """SpeechBrain's check (reads the loss on the host): count a non-finite loss, raise past patience."""
-        if not torch.isfinite(loss).all():
-            self.nonfinite_count += 1
-            self._raise_if_patience_exhausted()
+        """SpeechBrain's check (reads the loss on the host): count a non-finite loss, raise past patience.
 
-    def _raise_if_patience_exhausted(self) -> None:
-        if self.nonfinite_count > self.nonfinite_patience:
+        A loss that went through ``self.scaler.scale`` (SpeechBrain's default ``fit_batch`` checks the
+        scaled loss) is counted by the step that skips it, not twice."""
+        if not torch.isfinite(loss).all():
+            counted_by_step = self._imperative.loss_pending()
+            if not counted_by_step:
+                self.nonfinite_count += 1
+            self._raise_if_patience_exhausted(pending=int(counted_by_step))
+
+    def _raise_if_patience_exhausted(self, pending: int = 0) -> None:
+        if self.nonfinite_count + pending > self.nonfinite_patience:
             raise ValueError(
-                f"Loss or gradients were not finite in {self.nonfinite_count} steps this epoch, more than "
+                f"Loss or gradients were not finite in {self.nonfinite_count + pending} steps this epoch, more than "
                 f"nonfinite_patience={self.nonfinite_patience} (those steps were skipped). To debug, wrap fit() "
                 "in torch.autograd.detect_anomaly()"
             )
@@ -498,26 +508,33 @@ class Brain:
         last_report = time.monotonic()
         train_set = skip_batches(train_set, self.step)  # batches already trained on before a restart
         self._intra_epoch.restart()
-        with tqdm(train_set, initial=self.step, dynamic_ncols=True, disable=not enable,
-                  colour=self.tqdm_barcolor["train"]) as bar:
-            for batch in bar:
-                if self._step_limit_reached():
-                    logger.info("Train iteration limit exceeded")
-                    break
-                self.step += 1
-                self._train_loss.add(self.fit_batch(batch))
-                self._after_train_batch()
-                if time.monotonic() - last_report >= _REPORT_SECONDS:
-                    self._report(bar, shown)
-                    last_report = time.monotonic()
-                if self.debug and self.step == self.debug_batches:
-                    break
-            if self._pending:
-                # Micro-batches left over at the end of an epoch are applied (SpeechBrain drops them).
-                loss, _ = self._run_train_step(self._pending)
-                self._pending = []
-                self._train_loss.add(loss)
-            self._report(bar, shown, refresh=True)
+        try:
+            with tqdm(train_set, initial=self.step, dynamic_ncols=True, disable=not enable,
+                      colour=self.tqdm_barcolor["train"]) as bar:
+                for batch in bar:
+                    if self._step_limit_reached():
+                        logger.info("Train iteration limit exceeded")
+                        break
+                    self.step += 1
+                    self._train_loss.add(self.fit_batch(batch))
+                    self._after_train_batch()
+                    if time.monotonic() - last_report >= _REPORT_SECONDS:
+                        self._report(bar, shown)
+                        last_report = time.monotonic()
+                    if self.debug and self.step == self.debug_batches:
+                        break
+                if self._pending:
+                    # Micro-batches left over at the end of an epoch are applied (SpeechBrain drops them).
+                    loss, _ = self._run_train_step(self._pending)
+                    self._pending = []
+                    self._train_loss.add(loss)
+                self._report(bar, shown, refresh=True)
+        except BaseException:
+            # An epoch cut short (an error, Ctrl-C): the next fit starts the epoch afresh, unless a
+            # checkpoint it recovers says where to resume.
+            self.step, self._pending = 0, []
+            self._train_loss.reset(0.0)
+            raise
         self.zero_grad(set_to_none=True)
         self.on_stage_end(Stage.TRAIN, self.avg_train_loss, epoch)
         self.avg_train_loss = 0.0

@@ -8,7 +8,7 @@ optimizers that step) and kept; with the ``compile_steps`` run option they run c
 
 Example::
 
-    steps = DefaultSteps(brain)
+    steps = DefaultSteps(brain, DynamicLossScale())
     loss, outputs = steps.train(layout, None, [batch])   # one pure step; brain.state advances
 """
 
@@ -21,6 +21,7 @@ from fbrain.batches import MicroBatches
 from fbrain.brain.compiled_steps import StepCompiler
 from fbrain.brain.stage import Stage
 from fbrain.functional import swapped
+from fbrain.loss_scale import DynamicLossScale
 from fbrain.step import make_eval_step, make_train_step
 
 _OUTPUTS = "fbrain.brain.outputs"  # aux key carrying compute_forward's outputs out of the step
@@ -29,8 +30,9 @@ _OUTPUTS = "fbrain.brain.outputs"  # aux key carrying compute_forward's outputs 
 class DefaultSteps:
     """The pure train and eval steps of one Brain (read through its public attributes only)."""
 
-    def __init__(self, brain):
+    def __init__(self, brain, loss_scale):
         self.brain = brain
+        self.loss_scale = loss_scale
         self._train: dict = {}
         self._eval = None
         self._eval_stage = Stage.VALID
@@ -70,7 +72,7 @@ class DefaultSteps:
             brain = self.brain
             self._train[key] = make_train_step(
                 self.train_loss_fn, layout.transformation(key[1]), max_grad_norm=brain.max_grad_norm,
-                precision=brain.precision, accumulation=key[0], loss_scale=brain.loss_scale,
+                precision=brain.precision, accumulation=key[0], loss_scale=self.loss_scale,
                 donate_state=brain.donate_state,
                 process_group=torch.distributed.group.WORLD if _distributed.active() else None)
         return self._train[key]

@@ -10,8 +10,8 @@ micro-batches accumulated before a step are communicated once. Inside :meth:`Gra
 Example::
 
     sync = GradientSync()
-    found_inf = sync.sync(named_params, found_inf)   # no-op without torchrun
-    ...                                              # the step uses the averaged .grad
+    sync.sync(named_params)      # no-op without torchrun
+    ...                          # the step uses the averaged .grad
     sync.forget(named_params)
 """
 
@@ -49,18 +49,17 @@ class GradientSync:
             return entry[0] is None
         return entry[0] is not None and entry[0]() is p.grad and entry[1] == p.grad._version
 
-    def sync(self, named, found_inf: torch.Tensor | None = None) -> torch.Tensor | None:
+    def sync(self, named) -> None:
         """Average the ``.grad`` of ``named`` ((name, param) pairs) over the ranks, unless they already
-        are; returns ``found_inf``, true on every rank if it was true on one."""
+        are."""
         if self._off or not _distributed.active():
-            return found_inf
+            return
         pending = [p for _, p in named if p.requires_grad and not self._is_synced(p)]
         if not pending:
-            return found_inf
-        found_inf = average_grads(pending, torch.distributed.group.WORLD, found_inf)
+            return
+        average_grads(pending, torch.distributed.group.WORLD)
         for p in pending:
             self._synced[id(p)] = (None, None) if p.grad is None else (weakref.ref(p.grad), p.grad._version)
-        return found_inf
 
     def forget(self, named) -> None:
         """After a step: the next gradients of ``named`` are new and must be averaged again."""
@@ -69,22 +68,20 @@ class GradientSync:
 
 
 @torch.no_grad()
-def average_grads(params: list[torch.nn.Parameter], group, found_inf: torch.Tensor | None = None):
+def average_grads(params: list[torch.nn.Parameter], group) -> None:
     """Average the ``.grad`` of ``params`` over the ranks of ``group``, in place, with one flat
-    all-reduce (what DDP leaves in ``.grad``); returns ``found_inf`` made true on every rank if it
-    was true on one.
+    all-reduce (what DDP leaves in ``.grad``).
 
     A parameter without a gradient on some rank counts as a zero gradient there (DDP's
     ``find_unused_parameters``); one without a gradient on every rank keeps ``.grad = None``.
     Every rank must call this with the same parameters (as every rank calls ``optimizer.step()``).
     """
     if not params:
-        return found_inf
+        return
     device = params[0].device
     packed = {str(i): (p.grad if p.grad is not None else torch.zeros_like(p)) for i, p in enumerate(params)}
     packed["present"] = torch.tensor([float(p.grad is not None) for p in params], device=device)
-    flag = torch.zeros((), device=device) if found_inf is None else found_inf.to(device=device, dtype=torch.float32)
-    mean, flag = _distributed.mean_across_ranks(packed, flag, group)
+    mean, _ = _distributed.mean_across_ranks(packed, torch.zeros((), device=device), group)
     present = mean.pop("present")
     # Which of this rank's missing gradients another rank had: a host read, only when one is missing.
     elsewhere = present.tolist() if any(p.grad is None for p in params) else None
@@ -94,4 +91,3 @@ def average_grads(params: list[torch.nn.Parameter], group, found_inf: torch.Tens
             p.grad.copy_(avg)
         elif elsewhere[i] > 0:
             p.grad = avg.to(p.dtype).clone()
-    return None if found_inf is None else flag > 0

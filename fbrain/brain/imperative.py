@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from fbrain import distributed as _distributed
 from fbrain import optim
 from fbrain.brain.grad_sync import GradientSync
 from fbrain.loss_scale import DynamicLossScale
@@ -47,19 +48,28 @@ class ImperativeUpdates:
         self.sync = sync
         self.layout = None
         self._transformations: dict = {}
-        self._unscaled: dict[int, torch.Tensor] = {}  # id(view) -> norm not finite before clipping
+        self._unscaled: dict = {}  # view -> its global norm was not finite before a recipe clipped
         # Sum of (x - x) over every loss scaled since the last step: 0, or NaN if one was not finite.
         self._loss_flag: torch.Tensor | None = None
-        self._skipped: list[torch.Tensor] = []  # steps since the last scaler.update()
+        self._skipped: list[torch.Tensor] = []  # fp16: steps since the last scaler.update()
 
     def use_layout(self, layout) -> None:
+        """A new layout (and new views): nothing recorded for the old ones carries over."""
         self.layout = layout
         self._transformations.clear()
+        self._unscaled, self._loss_flag, self._skipped = {}, None, []
 
     def _rule_for(self, labels: frozenset, max_grad_norm=None) -> UpdateRule:
         if labels not in self._transformations:
             self._transformations[labels] = self.layout.transformation(labels)
         return self.rule.replace(optimizer=self._transformations[labels], max_grad_norm=max_grad_norm)
+
+    def _grads(self, named, labels: frozenset) -> dict:
+        """The ``.grad`` of ``named`` that ``labels`` train, in the state's parameter order (the order
+        the pure step's gradients have: the global norm's rounding depends on it)."""
+        label_of, by_name = self.layout.label_of, dict(named)
+        return {n: by_name[n].grad for n in self.owner.state.params
+                if n in by_name and by_name[n].grad is not None and label_of.get(n) in labels}
 
     # -- scaler.scale / unscale_ -------------------------------------------------------------------
 
@@ -76,48 +86,70 @@ class ImperativeUpdates:
         # (a 0-dim fp16 loss is scaled in float32 and cannot overflow).
         return map_tensors(lambda t: t * scale.to(t.device), outputs)
 
+    def loss_pending(self) -> bool:
+        """Whether a loss went through ``scale()`` since the last step (that step counts it if it
+        was not finite)."""
+        return self._loss_flag is not None
+
     @torch.no_grad()
     def unscale(self, view) -> None:
         """``scaler.unscale_(view)``: unscale ``.grad`` in place (fp16); note whether its norm is finite."""
-        if self.rule.fp16 and id(view) in self._unscaled:
+        if self.rule.fp16 and view in self._unscaled:
             raise RuntimeError("unscale_() has already been called on this optimizer since the last update()")
         self.sync.sync(view.named)  # the ranks' average decides alike
-        grads = [p.grad for _, p in view.named if p.grad is not None]
+        grads = list(self._grads(view.named, frozenset(view.labels)).values())
         if self.rule.fp16 and grads:
             torch._foreach_mul_(grads, self.owner.state.scaler.scale.double().reciprocal().float())
-        self._unscaled[id(view)] = ~is_finite(global_norm(grads)) if grads else \
+        self._unscaled[view] = ~is_finite(global_norm(grads)) if grads else \
             torch.zeros((), dtype=torch.bool, device=device_of(self.owner.state.params))
+
+    def gradients_cleared(self, view) -> None:
+        """``view.zero_grad()``: the losses scaled so far no longer have gradients in ``.grad`` (a
+        recipe that skipped a step must not skip the next one for them), nor does a fp32
+        ``unscale_`` record (fp16's last until ``scaler.update()``, as GradScaler's)."""
+        self._loss_flag = None
+        if not self.rule.fp16:
+            self._unscaled.pop(view, None)
 
     # -- the updates -------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, view) -> None:
         """``view.step()``: apply the ``.grad`` of the view's parameters."""
-        self.sync.sync(view.named)
-        found_inf = self._unscaled.get(id(view)) if self.rule.fp16 else self._unscaled.pop(id(view), None)
-        grads = {n: p.grad for n, p in view.named if p.grad is not None}
-        self._apply(grads, self._rule_for(frozenset(view.labels)), found_inf=found_inf, scaled=found_inf is None)
+        unscaled = view in self._unscaled
+        if not unscaled:
+            # After unscale_ the gradients were averaged already; a recipe's clipping since changed
+            # them alike on every rank.
+            self.sync.sync(view.named)
+        found_inf = self._unscaled.get(view) if self.rule.fp16 else self._unscaled.pop(view, None)
+        labels = frozenset(view.labels)
+        self._apply(self._grads(view.named, labels), self._rule_for(labels), found_inf=found_inf,
+                    scaled=not unscaled)
         self.sync.forget(view.named)
 
     @torch.no_grad()
     def optimizers_step(self, views: list, max_grad_norm) -> None:
         """The Brain's ``optimizers_step``: unscale, clip (every parameter of every view together),
         apply, and update the loss scale, in one :func:`apply_gradients`."""
-        if self.rule.fp16 and any(id(v) in self._unscaled for v in views):
+        if self.rule.fp16 and any(v in self._unscaled for v in views):
             raise RuntimeError("unscale_() has already been called on this optimizer since the last update()")
         named = [pair for v in views for pair in v.named]
         self.sync.sync(named)  # averaged over the ranks once, before unscaling and clipping
-        grads = {n: p.grad for n, p in named if p.grad is not None}
         labels = frozenset(label for v in views for label in v.labels)
-        self._apply(grads, self._rule_for(labels, max_grad_norm), found_inf=None, scaled=True)
+        self._apply(self._grads(named, labels), self._rule_for(labels, max_grad_norm), found_inf=None, scaled=True)
         self.sync.forget(named)
         self.update_loss_scale()
 
     def _apply(self, grads, rule, found_inf, scaled) -> None:
-        state, metrics = apply_gradients(self.owner.state, grads, rule, loss=self._loss_flag,
+        flag = self._loss_flag
+        if flag is not None and _distributed.active():
+            # Every rank must decide alike: a loss that was not finite on one rank skips the step on all.
+            _, flag = _distributed.mean_across_ranks({}, flag, torch.distributed.group.WORLD)
+        state, metrics = apply_gradients(self.owner.state, grads, rule, loss=flag,
                                          found_inf=found_inf, scaled=scaled, update_loss_scale=False)
         self.owner.state = state
-        self._skipped.append(metrics["skipped"])
+        if self.rule.fp16:
+            self._skipped.append(metrics["skipped"])
         self._loss_flag = None
 
     def update_loss_scale(self, new_scale=None) -> None:

@@ -10,7 +10,7 @@ not supported: a scripted module cannot run with the state's tensors.
 
 Example::
 
-    compile_modules(brain.modules, {"compile": True, "compile_module_keys": ["encoder"], ...})
+    compile_modules(brain.modules, brain)   # reads brain.compile, brain.compile_module_keys, ...
 """
 
 from __future__ import annotations

@@ -62,6 +62,14 @@ class OptimizerLayout:
             parts[FROZEN] = optim.frozen()
         return optim.partition(parts, self.label_of)
 
+    def upgrade(self, opt_state):
+        """``opt_state`` as this layout keeps it. Checkpoints of fbrain 0.1 hold a Brain with one
+        optimizer and no frozen parameters as its optimizer's bare state, not ``{label: state}``."""
+        if isinstance(opt_state, dict) or len(self.groups) != 1 or self.frozen:
+            return opt_state
+        (label,) = self.groups
+        return {label: opt_state}
+
     @staticmethod
     def hyperparams(opt_state, label: str) -> dict:
         """The hyperparameters of optimizer ``label`` in ``opt_state``."""

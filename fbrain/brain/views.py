@@ -113,6 +113,7 @@ class OptimizerView(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._updates.gradients_cleared(self)
         for _, p in self.named:
             if p.grad is None:
                 continue

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from fbrain.checkpoint.serialization import CheckpointError, _fields
+from fbrain.optim.hyperparams import Static
 
 
 def _where(path: str) -> str:
@@ -25,6 +26,13 @@ def _where(path: str) -> str:
 
 
 def _match(loaded: Any, template: Any, path: str) -> Any:
+    if isinstance(template, Static) and isinstance(loaded, torch.Tensor) and loaded.numel() == 1 \
+            and loaded.is_floating_point():
+        # Checkpoints written before hyperparameters were Static numbers hold them as 0-dim tensors.
+        try:
+            return Static(float(loaded))
+        except ValueError as err:
+            raise CheckpointError(f"{_where(path)}: {err}") from None
     if isinstance(template, torch.Tensor):
         if not isinstance(loaded, torch.Tensor):
             raise CheckpointError(f"{_where(path)}: a tensor expected, file has {type(loaded).__name__}")

@@ -240,7 +240,10 @@ def decoder(name: str, make_tensor: Callable[[torch.dtype, list, list], torch.Te
             cls = _NAMED.get(type_name)
             if cls is None:
                 raise CheckpointError(f"{name}: type {type_name!r} is not registered; refusing to build it")
-            return cls(**fields)
+            try:
+                return cls(**fields)
+            except (TypeError, ValueError) as err:  # missing, extra or invalid fields
+                raise CheckpointError(f"{name}: a {type_name} with fields it cannot have ({err})") from None
         raise CheckpointError(f"{name}: msgpack extension type {code} is not fbrain's; refusing to load it")
 
     return ext_hook

@@ -1,4 +1,4 @@
-"""Functional optimizers: pure ``init``/``update`` pairs with tensor hyperparameters.
+"""Functional optimizers: pure ``init``/``update``/``apply`` with hyperparameters in their state.
 
 Example::
 

@@ -1,8 +1,9 @@
 """The optimizer interface: a pair of pure functions, ``init`` and ``update``.
 
 Parameters, gradients and updates are flat dicts ``name -> Tensor`` keyed like
-``module.named_parameters()``. An optimizer never touches parameters itself:
-``update`` returns the *change* to add, and :func:`apply_updates` adds it.
+``module.named_parameters()``. ``update`` returns the *change* to add, and :func:`apply_updates`
+adds it; :func:`apply` does both (with an optimizer's fused kernel where it has one) and keeps
+everything as it was when told to skip.
 Parameters that receive no gradient (frozen ones) are simply absent from the
 ``grads`` and ``updates`` dicts.
 
@@ -175,11 +176,15 @@ def partition(
     # A lambda, not dict.__getitem__, which torch.compile (2.11) cannot trace.
     label_of = (lambda name: labels[name]) if isinstance(labels, dict) else labels
 
-    cache: dict = {}  # names -> groups: a function of the names alone, computed once per set of names
+    cache: dict = {}  # names -> groups: a function of the names alone, kept for the few sets seen
 
     def groups(names):
         key = tuple(names)
+        if torch.compiler.is_compiling():
+            return _groups(key)  # a cache filled while tracing would fail the graph's guards next call
         if key not in cache:
+            if len(cache) >= 16:  # gradients for changing subsets of parameters: stay bounded
+                cache.clear()
             cache[key] = _groups(key)
         return cache[key]
 

@@ -36,6 +36,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Union
 
 import torch
@@ -60,6 +61,8 @@ class Static:
     def __post_init__(self):
         if not isinstance(self.value, (int, float)) or isinstance(self.value, bool):
             raise TypeError(f"Static: expected a number, got {type(self.value).__name__}")
+        if not math.isfinite(self.value):
+            raise ValueError(f"Static: expected a finite number, got {self.value}")
         object.__setattr__(self, "value", float(self.value))
 
     def __float__(self) -> float:
@@ -78,7 +81,9 @@ def _scalar(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # Build from the Python float directly: going through a float32 tensor would round it.
     if isinstance(value, torch.Tensor):
         return value.detach().to(device=device, dtype=dtype).reshape(())
-    return torch.tensor(value, dtype=dtype, device=device)
+    # torch.full, not torch.tensor: on an accelerator torch.tensor copies from the host and waits
+    # for the stream; a fill is one kernel launch, with the same float64 value.
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def _number(value) -> float:
@@ -116,8 +121,7 @@ def as_tensors(hyperparams: dict[str, Any], device: torch.device) -> dict[str, t
     """Every hyperparameter as a 0-dim tensor, for the multi-tensor arithmetic (a ``Static`` number
     becomes a float64 tensor made from it, so the arithmetic is the same whichever kind it is)."""
     dtype = _dtype_for(device)
-    return {k: torch.tensor(v.value, dtype=dtype, device=device) if isinstance(v, Static) else v
-            for k, v in hyperparams.items()}
+    return {k: _scalar(v.value, dtype, device) if isinstance(v, Static) else v for k, v in hyperparams.items()}
 
 
 def host_values(hyperparams: dict[str, Any], names: list[str]) -> dict[str, float] | None:
