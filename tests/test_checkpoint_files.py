@@ -283,7 +283,7 @@ def test_a_loaded_state_continues_bit_for_bit_like_the_straight_run(tmp_path, ma
 
 def test_files_are_read_straight_into_their_tensors_with_the_same_result(tmp_path, monkeypatch):
     # Small chunks and pieces, so tensors span several bin objects and several checksum pieces.
-    from fbrain.checkpoint import crc, streaming
+    from fbrain.checkpoint import crc, reading
     monkeypatch.setattr(serialization, "CHUNK_BYTES", 1000)
     monkeypatch.setattr(crc, "PIECE_BYTES", 96)
     g = torch.Generator().manual_seed(0)
@@ -295,15 +295,15 @@ def test_files_are_read_straight_into_their_tensors_with_the_same_result(tmp_pat
     }
     path = tmp_path / "s.fbrain"
     checkpoint.save(path, tree)
-    streamed = streaming._read_streaming(str(path))  # the fast path itself: raises if it cannot serve
-    whole = serialization.read(bytearray(path.read_bytes()), str(path))
+    streamed = reading.read_file(str(path))
+    whole = reading.read(bytearray(path.read_bytes()), str(path))
     assert trees_equal(streamed, whole) and trees_equal(streamed, tree)
 
 
 def test_a_corrupted_tensor_byte_fails_the_streaming_checksum(tmp_path):
-    from fbrain.checkpoint import streaming
+    from fbrain.checkpoint import reading
     path = tmp_path / "s.fbrain"
     checkpoint.save(path, {"w": torch.arange(100.0)})
     flip_byte(path, 200)
     with pytest.raises(checkpoint.CheckpointError, match="checksum mismatch"):
-        streaming._read_streaming(str(path))
+        reading.read_file(str(path))

@@ -13,9 +13,10 @@ Example::
 """
 
 from fbrain.checkpoint.checkpointer import Checkpoint, Checkpointer, mark_as_loader, mark_as_saver
-from fbrain.checkpoint.files import atomic_open, fsync_dir, load, save, write_atomic
+from fbrain.checkpoint.files import atomic_open, from_bytes, fsync_dir, load, save, write_atomic
+from fbrain.checkpoint.reading import read
 from fbrain.checkpoint.restore import restore
-from fbrain.checkpoint.serialization import CheckpointError, from_bytes, read, register_type, to_bytes, write
+from fbrain.checkpoint.serialization import CheckpointError, register_type, to_bytes, write
 from fbrain.checkpoint.speechbrain_import import find_speechbrain_checkpoint, import_speechbrain
 from fbrain.loss_scale import LossScaleState
 from fbrain.optim import AdamState, EmptyState, RMSpropState, SGDState

@@ -26,7 +26,7 @@ import torch
 
 from fbrain.checkpoint.restore import restore
 from fbrain.checkpoint.serialization import write
-from fbrain.checkpoint.streaming import read_file
+from fbrain.checkpoint.reading import read, read_file
 
 
 def fsync_dir(folder: str) -> None:
@@ -100,3 +100,8 @@ def load(path: str | os.PathLike, template: Any = None, device: torch.device | s
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     return restore(read_file(path), template, device)
+
+
+def from_bytes(data: bytes, template: Any = None, device: torch.device | str | None = None) -> Any:
+    """The tree stored in ``data`` (checked against ``template`` if given, moved to ``device``)."""
+    return restore(read(bytearray(data), "checkpoint bytes"), template, device)

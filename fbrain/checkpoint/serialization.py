@@ -11,11 +11,10 @@ A file is a sequence of msgpack objects:
 4. a fixed-size trailer (extension code 9): where the tree starts and a CRC-32 of every byte
    before the trailer, which loading verifies before it decodes anything.
 
-Loading bytes held in memory (:func:`read`, :func:`from_bytes`) maps tensors straight onto them,
-without copying, except a tensor over 1 GiB: its chunks lie apart (each behind its own bin header),
-so they are joined into one new tensor. Loading a file (:mod:`fbrain.checkpoint.streaming`) reads
-each tensor's bytes straight into that tensor's own memory. Only extension codes 1-3 and 9 are
-accepted, and named types come from a registry, so loading never runs code named by the file.
+Reading (:mod:`fbrain.checkpoint.reading`) maps tensors straight onto bytes held in memory, and
+reads a file's tensor bytes straight into each tensor's own memory. Only extension codes 1-3 and 9
+are accepted, and named types come from a registry, so loading never runs code named by the file;
+every limit and check a reader applies is listed there.
 
 Example::
 
@@ -32,8 +31,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import struct
-import zlib
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import msgpack
 import torch
@@ -182,100 +180,15 @@ def to_bytes(tree: Any) -> bytes:
     return buffer.getvalue()
 
 
-# -- reading ---------------------------------------------------------------------------------------
+# -- reading (the reader itself is fbrain.checkpoint.reading) ----------------------------------------
 
 
-def _looks_like_pickle(head: bytes) -> bool:
-    return head[:1] == b"\x80" or head[:2] == b"PK"  # pickle protocol 2+ / torch.save's zip
-
-
-def _check_envelope(buffer, name: str) -> int:
-    """Verify header, trailer and checksum; return where the tree starts."""
-    view = memoryview(buffer)
-    head = bytes(view[:32])
-    if _looks_like_pickle(head):
-        raise CheckpointError(
-            f"{name}: this is a pickle / torch.save file; fbrain never unpickles (loading a pickle can "
-            "run code). Convert SpeechBrain checkpoints with fbrain.checkpoint.import_speechbrain.")
-    has_trailer = len(view) >= TRAILER_BYTES and bytes(view[-TRAILER_BYTES:-_TRAILER.size]) == bytes(
-        [0xC7, _TRAILER.size, EXT_TRAILER])
-    has_header = head.startswith(_HEADER)
-    if not has_trailer:
-        if has_header:
-            raise CheckpointError(f"{name}: truncated checkpoint (no trailer; the write did not finish)")
-        raise CheckpointError(f"{name}: not an fbrain checkpoint (no fbrain header or trailer)")
-    tree_offset, crc = _TRAILER.unpack(view[-_TRAILER.size:])
-    body = view[:-TRAILER_BYTES]
-    if zlib.crc32(body) != crc:
-        raise CheckpointError(f"{name}: corrupted checkpoint (checksum mismatch)")
-    if not has_header:
-        try:
-            first = next(msgpack.Unpacker(io.BytesIO(head), raw=False))
-        except Exception:
-            first = None
-        if isinstance(first, dict) and first.get("format") == FORMAT:
-            raise CheckpointError(f"{name}: checkpoint version {first.get('version')!r}, "
-                                  f"this fbrain reads version {VERSION}")
-        raise CheckpointError(f"{name}: corrupted checkpoint (bad header)")
-    if not 0 < tree_offset <= len(body):
-        raise CheckpointError(f"{name}: corrupted checkpoint (bad tree offset)")
-    return tree_offset
-
-
-def decoder(name: str, make_tensor: Callable[[torch.dtype, list, list], torch.Tensor]) -> Callable:
-    """The msgpack ``ext_hook`` for a checkpoint's tree; ``make_tensor(dtype, shape, spans)`` builds
-    each tensor from the file offsets of its bytes (``spans``: ``[start, length]`` pairs)."""
-
-    def ext_hook(code: int, data: bytes):
-        if code == EXT_TENSOR:
-            dtype_name, shape, spans = msgpack.unpackb(data, raw=False)
-            dtype = _DTYPES.get(dtype_name)
-            if dtype is None:
-                raise CheckpointError(f"{name}: unknown tensor dtype {dtype_name!r}")
-            return make_tensor(dtype, shape, spans)
-        if code == EXT_TUPLE:
-            return tuple(msgpack.unpackb(data, raw=False, ext_hook=ext_hook, strict_map_key=True))
-        if code == EXT_NAMED:
-            type_name, fields = msgpack.unpackb(data, raw=False, ext_hook=ext_hook)
-            cls = _NAMED.get(type_name)
-            if cls is None:
-                raise CheckpointError(f"{name}: type {type_name!r} is not registered; refusing to build it")
-            try:
-                return cls(**fields)
-            except (TypeError, ValueError) as err:  # missing, extra or invalid fields
-                raise CheckpointError(f"{name}: a {type_name} with fields it cannot have ({err})") from None
-        raise CheckpointError(f"{name}: msgpack extension type {code} is not fbrain's; refusing to load it")
-
-    return ext_hook
-
-
-def _tensor(buffer, dtype: torch.dtype, shape: list[int], spans: list, name: str) -> torch.Tensor:
-    count = 1
-    for n in shape:
-        count *= n
-    parts = []
-    for start, length in spans:
-        if start + length > len(buffer):
-            raise CheckpointError(f"{name}: corrupted checkpoint (tensor bytes beyond the end)")
-        if length:
-            parts.append(torch.frombuffer(buffer, dtype=torch.uint8, count=length, offset=start))
-    raw = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
-    if raw.numel() != count * torch.empty((), dtype=dtype).element_size():
-        raise CheckpointError(f"{name}: corrupted checkpoint (tensor of shape {tuple(shape)} has "
-                              f"{raw.numel()} bytes)")
-    return raw.view(dtype).reshape(shape)
-
-
-def read(buffer: bytearray, name: str = "checkpoint") -> Any:
-    """Decode a checkpoint held in a writable buffer; tensors share its memory."""
-    tree_offset = _check_envelope(buffer, name)
-    end = len(buffer) - TRAILER_BYTES
-    ext_hook = decoder(name, lambda dtype, shape, spans: _tensor(buffer, dtype, shape, spans, name))
-    return msgpack.unpackb(memoryview(buffer)[tree_offset:end], raw=False, ext_hook=ext_hook, strict_map_key=True)
-
-
-def from_bytes(data: bytes, template: Any = None, device: torch.device | str | None = None) -> Any:
-    """The tree stored in ``data`` (checked against ``template`` if given, moved to ``device``)."""
-    from fbrain.checkpoint.restore import restore  # local import: restore builds on this module
-
-    return restore(read(bytearray(data), "checkpoint bytes"), template, device)
+def build_named(type_name: str, fields: dict, name: str) -> Any:
+    """An instance of the registered type ``type_name`` from a file's ``fields``."""
+    cls = _NAMED.get(type_name)
+    if cls is None:
+        raise CheckpointError(f"{name}: type {type_name!r} is not registered; refusing to build it")
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as err:  # missing, extra or invalid fields
+        raise CheckpointError(f"{name}: a {type_name} with fields it cannot have ({err})") from None
