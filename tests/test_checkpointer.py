@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -220,3 +222,54 @@ def test_a_brain_checkpoint_of_fbrain_0_1_with_one_optimizer_is_recovered(tmp_pa
     again.fit(range(0), regression_data(), train_loader_kwargs={"batch_size": 4})  # recovers, trains nothing
     assert trees_equal(again.state, brain.state)
     assert int(again.state.counters.optimizer_step) == 3
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "directory", "dangling link", "missing", "another model"])
+def test_recovery_verifies_a_checkpoint_before_changing_anything(tmp_path, damage):
+    # Written against fbrain 0.1: the counter (loaded first) kept the damaged checkpoint's value, and a
+    # directory, a dangling link or another model's weights aborted recovery with FileNotFoundError,
+    # IsADirectoryError or RuntimeError instead of falling back.
+    ckpt, model, counter, _ = make(tmp_path)
+    counter.value = 1
+    older = ckpt.save_checkpoint()
+    counter.value = 2
+    newer = ckpt.save_checkpoint()
+    path = newer.paramfiles["model"]
+    os.remove(path)
+    if damage == "flipped byte":
+        ckpt_bytes = bytearray(checkpoint.to_bytes(model.state_dict()))
+        ckpt_bytes[100] ^= 0xFF
+        open(path, "wb").write(bytes(ckpt_bytes))
+    elif damage == "directory":
+        os.mkdir(path)
+    elif damage == "dangling link":
+        os.symlink(os.path.join(str(tmp_path), "gone"), path)
+    elif damage == "another model":
+        checkpoint.save(path, torch.nn.Linear(5, 7).state_dict())
+    counter.value = 0
+    with pytest.warns(UserWarning, match="trying an older one"):
+        found = ckpt.recover_if_possible()
+    assert found.path == older.path and counter.value == 1
+    # With no older checkpoint, recovery returns None (and the damaged files were never read into
+    # anything: the verification comes first).
+    shutil.rmtree(older.path)
+    counter.value = 0
+    with pytest.warns(UserWarning):
+        assert ckpt.recover_if_possible() is None
+    if damage != "another model":  # found only by loading, after the model (registered first) failed
+        assert counter.value == 0
+
+
+def test_a_tampered_metadata_file_makes_its_checkpoint_damaged_never_newest(tmp_path):
+    ckpt, model, counter, _ = make(tmp_path)
+    first = ckpt.save_checkpoint()
+    meta_path = os.path.join(first.path, "CKPT.yaml")
+    meta = json.load(open(meta_path))
+    meta["unixtime"] += 10_000_000  # one changed digit pinned an old checkpoint as newest
+    json.dump(meta, open(meta_path, "w"))
+    assert ckpt.list_checkpoints() == []  # damaged: not a checkpoint
+    second = ckpt.save_and_keep_only(num_to_keep=1)
+    assert [c.path for c in ckpt.list_checkpoints()] == [second.path]  # the new one is never deleted
+    garbled = os.path.join(second.path, "CKPT.yaml")
+    open(garbled, "w").write("{not json")
+    assert ckpt.list_checkpoints() == [] and ckpt.recover_if_possible() is None

@@ -199,19 +199,19 @@ class Brain:
 
     @mark_as_loader
     def _recover(self, path, end_of_epoch=True):
-        record = _checkpoint.load(path, device=self.device)
+        record = _checkpoint.load(path)  # verified, on the CPU: each part is placed once, below
         saved = record["state"]
         if self._layout is not None and isinstance(saved, TrainState):
             saved = saved.replace(opt_state=self._layout.upgrade(saved.opt_state))
-        # Strict where it matters: the saved state must fit the modules and optimizers we have.
-        state = saved if self._state is None else _checkpoint.restore(saved, self._state)
-        self.state = state
+        # Strict where it matters: the saved state must fit the modules and optimizers we have (and
+        # lands on their devices).
+        self.state = _checkpoint.restore(saved, self._state, device=self.device if self._state is None else None)
         self.optimizer_step = record["optimizer_step"]
         if not end_of_epoch:
             # Resume in the middle of the epoch: the next epoch skips the batches already trained
             # on (self.step of them) and keeps the running loss exactly as it was.
             self.step = record["step"]
-            self._train_loss.mean.restore(record["train_loss"])
+            self._train_loss.mean.restore(_checkpoint.restore(record["train_loss"], device=self.device))
             self._nonfinite_base, self._nonfinite_extra = record["nonfinite_base"], record["nonfinite_extra"]
         else:
             # A fresh epoch starts: forget any position a newer (intra-epoch) checkpoint set before

@@ -30,12 +30,14 @@ import shutil
 import tempfile
 import time
 import warnings
+import zlib
 from typing import Any, Callable
 
 import torch
 
 from fbrain import distributed
 from fbrain.checkpoint.files import fsync_dir, load, save
+from fbrain.checkpoint.reading import is_fbrain_file, verify_file
 from fbrain.checkpoint.serialization import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -182,8 +184,9 @@ class Checkpointer:
                 hook(obj, path) if hook is not None else default_save(obj, path)
                 paramfiles[key] = path
             full_meta = {**(meta or {}), "end-of-epoch": end_of_epoch, "unixtime": time.time()}
+            full_meta = json.loads(json.dumps(full_meta, default=_json_number))  # as it will read back
             with open(os.path.join(tmp, META_FILE), "w") as f:
-                json.dump(full_meta, f, indent=1, default=_json_number)
+                json.dump({**full_meta, CHECKSUM_KEY: meta_checksum(full_meta)}, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
             fsync_dir(tmp)
@@ -205,7 +208,8 @@ class Checkpointer:
         if keep_recent:
             keys.append(_recency)
         self.delete_checkpoints(num_to_keep=num_to_keep, max_keys=max_keys, min_keys=min_keys,
-                                importance_keys=keys, ckpt_predicate=ckpt_predicate, verbosity=verbosity)
+                                importance_keys=keys, ckpt_predicate=ckpt_predicate, verbosity=verbosity,
+                                _keep=None if saved is None else saved.path)
         return saved
 
     # -- finding -----------------------------------------------------------------------------------
@@ -220,8 +224,14 @@ class Checkpointer:
             try:
                 with open(os.path.join(path, META_FILE)) as f:
                     meta = json.load(f)
-            except (OSError, ValueError):
-                log.warning("ignoring %s: no readable %s", path, META_FILE)
+                if not isinstance(meta, dict):
+                    raise ValueError("not a mapping")
+                stored = meta.pop(CHECKSUM_KEY, None)
+                # Checkpoints of fbrain 0.1 have no checksum; any other must match.
+                if stored is not None and stored != meta_checksum(meta):
+                    raise ValueError("checksum mismatch: changed after it was written")
+            except (OSError, ValueError) as err:
+                log.warning("ignoring %s: its %s is damaged or unreadable (%s)", path, META_FILE, err)
                 continue
             paramfiles = {f[:-len(SUFFIX)]: os.path.join(path, f) for f in os.listdir(path) if f.endswith(SUFFIX)}
             found.append(Checkpoint(path, meta, paramfiles))
@@ -244,14 +254,31 @@ class Checkpointer:
 
     # -- recovering --------------------------------------------------------------------------------
 
-    def load_checkpoint(self, checkpoint: Checkpoint) -> None:
-        end_of_epoch = bool(checkpoint.meta.get("end-of-epoch", True))
-        for key, obj in self.recoverables.items():
+    def verify_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Raise a CheckpointError unless every file the recoverables need is there, a regular file,
+        and (fbrain's files) intact: what recovery checks before it changes anything."""
+        for key in self.recoverables:
             path = checkpoint.paramfiles.get(key)
             if path is None:
                 if self.allow_partial_load:
                     continue
                 raise CheckpointError(f"{checkpoint.path}: has no file for recoverable {key!r}")
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path}: not a regular file")
+            try:
+                fbrain_file = is_fbrain_file(path)
+            except OSError as err:
+                raise CheckpointError(f"{path}: cannot be read ({err})") from None
+            if fbrain_file:
+                verify_file(path)
+
+    def load_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self.verify_checkpoint(checkpoint)
+        end_of_epoch = bool(checkpoint.meta.get("end-of-epoch", True))
+        for key, obj in self.recoverables.items():
+            path = checkpoint.paramfiles.get(key)
+            if path is None:
+                continue  # allowed: verify_checkpoint refuses a missing file otherwise
             hook = self.custom_load_hooks.get(key)
             if hook is not None:
                 hook(obj, path, end_of_epoch)
@@ -259,13 +286,24 @@ class Checkpointer:
                 default_load(obj, path, end_of_epoch, self.allow_partial_load)
 
     def recover_if_possible(self, importance_key=None, max_key=None, min_key=None, ckpt_predicate=None):
-        """Load the best checkpoint; if it is damaged, warn and try the next. Returns it, or None."""
+        """Load the best checkpoint; if it is damaged, warn and try the next. Returns it, or None.
+
+        Every file of a checkpoint is verified before any recoverable changes (a damaged file,
+        a missing one, a directory where a file should be). A file that verifies but cannot be
+        loaded (it holds another model) is found only while loading: recovery then goes on with
+        the next checkpoint, which loads every recoverable again."""
         for checkpoint in self.find_checkpoints(importance_key, max_key, min_key, ckpt_predicate):
             try:
-                self.load_checkpoint(checkpoint)
+                self.verify_checkpoint(checkpoint)
             except CheckpointError as err:
-                warnings.warn(f"checkpoint {checkpoint.path} is damaged ({err}); trying an older one",
-                              stacklevel=2)
+                warnings.warn(f"checkpoint {checkpoint.path} is damaged ({err}); nothing was loaded from it, "
+                              "trying an older one", stacklevel=2)
+                continue
+            try:
+                self.load_checkpoint(checkpoint)
+            except Exception as err:  # noqa: BLE001 - any failure of a recoverable's loader: fall back
+                warnings.warn(f"checkpoint {checkpoint.path} cannot be loaded ({type(err).__name__}: {err}); "
+                              "trying an older one", stacklevel=2)
                 continue
             log.info("recovered from %s", checkpoint.path)
             return checkpoint
@@ -274,7 +312,7 @@ class Checkpointer:
     # -- deleting ----------------------------------------------------------------------------------
 
     def delete_checkpoints(self, num_to_keep=1, min_keys=None, max_keys=None, importance_keys=None,
-                           ckpt_predicate=None, verbosity=logging.INFO) -> None:
+                           ckpt_predicate=None, verbosity=logging.INFO, _keep=None) -> None:
         """Delete checkpoints except the ``num_to_keep`` best under each importance criterion
         (rank 0 deletes in a distributed run; the others wait)."""
         if num_to_keep < 0:
@@ -283,17 +321,17 @@ class Checkpointer:
             distributed.barrier()
             return
         try:
-            self._delete(num_to_keep, min_keys, max_keys, importance_keys, ckpt_predicate, verbosity)
+            self._delete(num_to_keep, min_keys, max_keys, importance_keys, ckpt_predicate, verbosity, _keep)
         finally:
             distributed.barrier()
 
-    def _delete(self, num_to_keep, min_keys, max_keys, importance_keys, ckpt_predicate, verbosity) -> None:
+    def _delete(self, num_to_keep, min_keys, max_keys, importance_keys, ckpt_predicate, verbosity, always_keep) -> None:
         criteria = [(None, k, None) for k in (max_keys or [])] + [(None, None, k) for k in (min_keys or [])]
         criteria += [(k, None, None) for k in (importance_keys or [])]
         if not criteria:
             criteria = [(_recency, None, None)]
         deletable = [c for c in self.list_checkpoints() if ckpt_predicate is None or ckpt_predicate(c)]
-        keep = set()
+        keep = {always_keep}  # save_and_keep_only never deletes the checkpoint it just wrote
         for importance_key, max_key, min_key in criteria:
             ranked = self.find_checkpoints(importance_key, max_key, min_key, ckpt_predicate)
             keep.update(c.path for c in ranked[:num_to_keep])
@@ -306,6 +344,14 @@ class Checkpointer:
         for entry in os.listdir(self.checkpoints_dir):
             if entry.startswith(PREFIX + "+") and TMP_MARK in entry:
                 shutil.rmtree(os.path.join(self.checkpoints_dir, entry), ignore_errors=True)
+
+
+CHECKSUM_KEY = "fbrain-checksum"
+
+
+def meta_checksum(meta: dict) -> int:
+    """CRC-32 of ``meta`` as canonical JSON (sorted keys): a changed value makes it differ."""
+    return zlib.crc32(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
 
 
 def _recency(checkpoint: Checkpoint) -> float:

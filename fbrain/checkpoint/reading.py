@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import zlib
@@ -202,8 +203,15 @@ def _fill(f, view: memoryview, name: str, crc: BackgroundCrc) -> None:
         crc.add(piece)
 
 
-def read_file(path: str) -> Any:
-    """Decode the checkpoint file at ``path``: each tensor's bytes are read straight into it."""
+def is_fbrain_file(path: str) -> bool:
+    """Whether the file at ``path`` starts with fbrain's header (reads its first bytes only)."""
+    with open(path, "rb") as f:
+        return f.read(len(s._HEADER)) == s._HEADER
+
+
+@contextlib.contextmanager
+def _opened(path: str):
+    """``(file, tree_offset, expected crc, tree bytes)`` of a checkpoint file whose envelope is sound."""
     name = str(path)
     try:
         f = open(path, "rb", buffering=0)
@@ -213,10 +221,35 @@ def read_file(path: str) -> Any:
         size = os.fstat(f.fileno()).st_size
         pread = lambda offset, n: os.pread(f.fileno(), n, offset)  # noqa: E731
         tree_offset, expected = envelope(size, pread, name)
-        if size - s.TRAILER_BYTES - tree_offset > MAX_TREE_BYTES:
-            raise CheckpointError(f"{name}: corrupted checkpoint (a tree of {size - s.TRAILER_BYTES - tree_offset} "
-                                  f"bytes; at most {MAX_TREE_BYTES})")
-        tree_bytes = pread(tree_offset, size - s.TRAILER_BYTES - tree_offset)
+        tree_size = size - s.TRAILER_BYTES - tree_offset
+        if tree_size > MAX_TREE_BYTES:
+            raise CheckpointError(f"{name}: corrupted checkpoint (a tree of {tree_size} bytes; at most "
+                                  f"{MAX_TREE_BYTES})")
+        yield f, tree_offset, expected, pread(tree_offset, tree_size)
+
+
+def verify_file(path: str) -> None:
+    """Raise a CheckpointError unless ``path`` is an intact fbrain checkpoint: the checks of
+    :func:`read_file`, without allocating any tensor (one read of the file for the checksum)."""
+    name = str(path)
+    with _opened(path) as (f, tree_offset, expected, tree_bytes):
+        decode_tree(tree_bytes, tree_offset, name, lambda dtype, shape, spans: torch.empty(0))
+        f.seek(0)
+        piece, value, done = memoryview(bytearray(min(crc_module.PIECE_BYTES, tree_offset))), 0, 0
+        while done < tree_offset:  # one piece of memory, reused: verifying never holds the file
+            n = f.readinto(piece[:tree_offset - done])
+            if not n:
+                raise CheckpointError(f"{name}: corrupted checkpoint (the file shrank while being read)")
+            value = zlib.crc32(piece[:n], value)
+            done += n
+        if zlib.crc32(tree_bytes, value) != expected:
+            raise CheckpointError(f"{name}: corrupted checkpoint (checksum mismatch)")
+
+
+def read_file(path: str) -> Any:
+    """Decode the checkpoint file at ``path``: each tensor's bytes are read straight into it."""
+    name = str(path)
+    with _opened(path) as (f, tree_offset, expected, tree_bytes):
         tree, placed = decode_tree(tree_bytes, tree_offset, name,
                                    lambda dtype, shape, spans: torch.empty(shape, dtype=dtype))
         crc, position = BackgroundCrc(), 0
