@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -107,7 +110,8 @@ def test_a_failing_recoverable_leaves_no_checkpoint(tmp_path):
     ckpt.add_recoverable("bad", object(), custom_save_hook=boom)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_checkpoint()
-    assert ckpt.list_checkpoints() == [] and os.listdir(ckpt.checkpoints_dir) == []
+    # Nothing but the writer lock file is left.
+    assert ckpt.list_checkpoints() == [] and os.listdir(ckpt.checkpoints_dir) == [".fbrain-writer.lock"]
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path):
@@ -273,3 +277,44 @@ def test_a_tampered_metadata_file_makes_its_checkpoint_damaged_never_newest(tmp_
     garbled = os.path.join(second.path, "CKPT.yaml")
     open(garbled, "w").write("{not json")
     assert ckpt.list_checkpoints() == [] and ckpt.recover_if_possible() is None
+
+
+LOCK_HOLDER = """
+import sys, time, torch
+from fbrain.checkpoint import Checkpointer
+def slow(obj, path):
+    open(sys.argv[2], "w").close()  # tell the test the lock is held
+    time.sleep(float(sys.argv[3]))  # holding the lock
+    from fbrain import checkpoint
+    checkpoint.save(path, {"w": torch.ones(2)})
+ckpt = Checkpointer(sys.argv[1], lock_timeout=float(sys.argv[4]))
+ckpt.add_recoverable("slow", object(), custom_save_hook=slow)
+ckpt.save_checkpoint()
+"""
+
+
+@pytest.mark.parametrize("timeout,outcome", [(0.5, "fails"), (120.0, "waits")])
+def test_a_second_writer_waits_for_the_first_or_fails_naming_it(tmp_path, timeout, outcome):
+    # fbrain 0.1 had no lock: one process's cleanup deleted the other's checkpoint in progress (5/5).
+    folder, held = tmp_path / "ckpts", tmp_path / "held"
+    first = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(folder), str(held), "3", "60"])
+    try:
+        deadline = time.monotonic() + 120
+        while not held.exists():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        second = Checkpointer(folder, {"model": torch.nn.Linear(2, 2)}, lock_timeout=timeout)
+        if outcome == "fails":
+            with pytest.raises(checkpoint.CheckpointError, match=rf"another process \(PID {first.pid}\)"):
+                second.save_and_keep_only()
+        else:
+            second.save_and_keep_only()  # waits for the first, then deletes its checkpoint (older)
+    finally:
+        assert first.wait(timeout=300) == 0
+    found = Checkpointer(folder).list_checkpoints()
+    # Failed: only the first run's checkpoint. Waited: the second kept only its own, the newer.
+    assert [sorted(c.paramfiles) for c in found] == [["slow"] if outcome == "fails" else ["model"]]
+    for c in found:  # every checkpoint left behind is complete and loads
+        for path in c.paramfiles.values():
+            checkpoint.load(path)
+    assert not [e for e in os.listdir(folder) if ".incomplete-" in e]

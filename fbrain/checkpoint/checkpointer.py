@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import logging
 import os
@@ -46,6 +47,8 @@ PREFIX = "CKPT"
 META_FILE = "CKPT.yaml"
 SUFFIX = ".ckpt"
 TMP_MARK = ".incomplete-"
+
+LOCK_FILE = ".fbrain-writer.lock"
 
 Checkpoint = collections.namedtuple("Checkpoint", ["path", "meta", "paramfiles"])
 Checkpoint.__doc__ = "A saved checkpoint: its folder, its metadata, and the file of each recoverable."
@@ -113,6 +116,59 @@ def default_load(obj: Any, path: str, end_of_epoch: bool, allow_partial: bool) -
     raise TypeError(f"cannot recover a {type(obj).__name__}: it has no loader")
 
 
+# -- one writer per folder ---------------------------------------------------------------------------
+
+class WriterLock:
+    """An OS lock (``flock``) on ``folder/.fbrain-writer.lock``, held while a Checkpointer writes or
+    deletes there, so two runs on one folder cannot remove each other's checkpoints in progress. The
+    holder writes its PID into the file; a second writer waits up to ``timeout`` seconds, then fails
+    naming the folder and that PID. The kernel drops the lock when its process dies, so a killed run
+    never leaves the folder locked. Readers take no lock.
+
+    Example::
+
+        with WriterLock("results/save", timeout=60.0):
+            ...  # write, clean up
+    """
+
+    def __init__(self, folder: str, timeout: float):
+        self.folder, self.timeout = folder, timeout
+        self._fd: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> "WriterLock":
+        if self._depth == 0:
+            self._fd = self._acquire()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def _acquire(self) -> int:
+        fd = os.open(os.path.join(self.folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise CheckpointError(
+                        f"{self.folder}: another process (PID {holder}) is writing checkpoints here; waited "
+                        f"{self.timeout:g} s. Give each run its own output folder, or stop the other run") from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
+
 # -- the Checkpointer ------------------------------------------------------------------------------
 
 class Checkpointer:
@@ -120,9 +176,10 @@ class Checkpointer:
 
     def __init__(self, checkpoints_dir: str | os.PathLike, recoverables: dict | None = None,
                  custom_load_hooks: dict | None = None, custom_save_hooks: dict | None = None,
-                 allow_partial_load: bool = False):
+                 allow_partial_load: bool = False, lock_timeout: float = 60.0):
         self.checkpoints_dir = os.fspath(checkpoints_dir)
         os.makedirs(self.checkpoints_dir, exist_ok=True)
+        self.writer_lock = WriterLock(self.checkpoints_dir, lock_timeout)
         self.recoverables: dict[str, Any] = {}
         self.custom_load_hooks: dict[str, Callable] = {}
         self.custom_save_hooks: dict[str, Callable] = {}
@@ -168,7 +225,8 @@ class Checkpointer:
             distributed.barrier()
             return None
         try:
-            return self._write_checkpoint(meta, end_of_epoch, name, verbosity)
+            with self.writer_lock:
+                return self._write_checkpoint(meta, end_of_epoch, name, verbosity)
         finally:
             distributed.barrier()
 
@@ -321,7 +379,8 @@ class Checkpointer:
             distributed.barrier()
             return
         try:
-            self._delete(num_to_keep, min_keys, max_keys, importance_keys, ckpt_predicate, verbosity, _keep)
+            with self.writer_lock:
+                self._delete(num_to_keep, min_keys, max_keys, importance_keys, ckpt_predicate, verbosity, _keep)
         finally:
             distributed.barrier()
 
@@ -341,6 +400,7 @@ class Checkpointer:
                 log.log(verbosity, "deleted checkpoint %s", checkpoint.path)
 
     def _remove_leftovers(self) -> None:
+        # Called holding the writer lock: no live writer owns an .incomplete- folder now.
         for entry in os.listdir(self.checkpoints_dir):
             if entry.startswith(PREFIX + "+") and TMP_MARK in entry:
                 shutil.rmtree(os.path.join(self.checkpoints_dir, entry), ignore_errors=True)
