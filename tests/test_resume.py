@@ -75,3 +75,20 @@ def test_sigkill_in_the_middle_of_a_save_then_resume_is_bitwise_identical(tmp_pa
     run_to_end(tmp_path)
     assert not [d for d in os.listdir(tmp_path / "ckpts") if ".incomplete-" in d]
     assert_same_run(tmp_path, straight)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_mid_epoch_saves_exits_and_the_next_run_resumes_bit_for_bit(tmp_path, straight, signum):
+    # fbrain 0.1 lost the epoch in progress (no schedule here saves inside an epoch) and showed a raw
+    # KeyboardInterrupt traceback.
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), "preempt"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.strip() == "STEP 2 4":
+            proc.send_signal(signum)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert "saved a checkpoint at epoch step" in err and "Traceback" not in err
+    run_to_end(tmp_path, "preempt")
+    assert_same_run(tmp_path, straight)

@@ -53,6 +53,7 @@ from fbrain.brain.grad_sync import GradientSync
 from fbrain.brain.imperative import ImperativeUpdates
 from fbrain.brain.module_compile import compile_modules
 from fbrain.brain.optimizers import OptimizerLayout, layout_of
+from fbrain.brain.preemption import Preemption
 from fbrain.brain.run_options import resolve_run_options
 from fbrain.brain.running_mean import RunningMean
 from fbrain.brain.stage import Stage
@@ -144,6 +145,7 @@ class Brain:
         self._nonfinite_extra = 0  # what a recipe added to nonfinite_count itself
         self._intra_epoch = IntraEpochSchedule(self.ckpt_interval_steps, self.ckpt_interval_minutes)
         self._intra_epoch_due = False
+        self._preemption = Preemption()
         if checkpointer is not None and hasattr(checkpointer, "add_recoverable") and \
                 "brain" not in getattr(checkpointer, "recoverables", {}):
             checkpointer.add_recoverable("brain", self)
@@ -226,6 +228,15 @@ class Brain:
             end_of_epoch=False, num_to_keep=1, meta={INTRA_EPOCH_FLAG: True},
             ckpt_predicate=lambda c: INTRA_EPOCH_FLAG in c.meta, verbosity=logging.DEBUG)
 
+    def _stop_for_signal(self):
+        """SIGTERM or Ctrl-C arrived: the step is done; save where the epoch stands, and exit."""
+        if self.checkpointer is not None:
+            self._save_intra_epoch_ckpt()
+            logger.warning("saved a checkpoint at epoch step %d; run the same command again to resume", self.step)
+        else:
+            logger.warning("no checkpointer: nothing was saved")
+        raise SystemExit(self._preemption.exit_status())
+
     def _after_train_batch(self):
         if self.checkpointer is None or not self._intra_epoch.enabled:
             return
@@ -234,6 +245,7 @@ class Brain:
         if self._intra_epoch_due and not self._pending:
             self._save_intra_epoch_ckpt()
             self._intra_epoch_due = False
+        self._preemption = Preemption()
 
     # -- optimizers --------------------------------------------------------------------------------
 
@@ -473,11 +485,15 @@ class Brain:
         self.ensure_state()
         enable = (not self.noprogressbar) if progressbar is None else bool(progressbar)
         enable = enable and _distributed.is_main_process()  # one progress bar per run, not per rank
-        for epoch in epoch_counter:
-            self._fit_train(train_set, epoch, enable)
-            self._fit_valid(valid_set, epoch, enable)
-            if (self.debug and epoch == self.debug_epochs) or self._step_limit_reached():
-                break
+        with self._preemption.watching():
+            for epoch in epoch_counter:
+                self._fit_train(train_set, epoch, enable)
+                self._fit_valid(valid_set, epoch, enable)
+                if self._preemption.signal is not None:  # arrived after the epoch's last step
+                    logger.warning("stopping after epoch %s; the next run resumes from the last checkpoint", epoch)
+                    raise SystemExit(self._preemption.exit_status())
+                if (self.debug and epoch == self.debug_epochs) or self._step_limit_reached():
+                    break
 
     def _step_limit_reached(self) -> bool:
         return self.optimizer_step_limit is not None and self.optimizer_step >= self.optimizer_step_limit
@@ -518,6 +534,8 @@ class Brain:
                     self.step += 1
                     self._train_loss.add(self.fit_batch(batch))
                     self._after_train_batch()
+                    if self._preemption.signal is not None and not self._pending:
+                        self._stop_for_signal()
                     if time.monotonic() - last_report >= _REPORT_SECONDS:
                         self._report(bar, shown)
                         last_report = time.monotonic()

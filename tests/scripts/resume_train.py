@@ -1,11 +1,12 @@
 """Launched by tests/test_resume.py: a Brain training run that can be killed and resumed.
 
-usage: resume_train.py OUT_DIR [slow-save]
+usage: resume_train.py OUT_DIR [slow-save | preempt]
 
 Trains an MLP with dropout on a shuffled loader for 2 epochs, with an intra-epoch checkpoint after
 every step. Every step's loss is appended to OUT_DIR/losses.txt (as float.hex, exact) and announced
 on stdout as "STEP <epoch> <step>", so the test can SIGKILL the process at a chosen point. With
-"slow-save", the 6th checkpoint announces "SAVING" half-way through its write and then stalls.
+"slow-save", the 6th checkpoint announces "SAVING" half-way through its write and then stalls. With
+"preempt", no intra-epoch checkpoints are saved on a schedule: only the one a SIGTERM makes.
 """
 
 import os
@@ -19,6 +20,7 @@ from fbrain import checkpoint
 
 out_dir = sys.argv[1]
 slow_save = len(sys.argv) > 2 and sys.argv[2] == "slow-save"
+preempt = len(sys.argv) > 2 and sys.argv[2] == "preempt"
 g = torch.Generator().manual_seed(0)
 data = [(torch.randn(6, generator=g), torch.randn(2, generator=g)) for _ in range(40)]
 
@@ -60,7 +62,8 @@ def stalling_save(obj, path):
 
 checkpointer.add_recoverable("probe", object(), custom_save_hook=stalling_save, custom_load_hook=lambda *a: None)
 brain = Regression({"model": model}, lambda p: torch.optim.Adam(p, lr=1e-2), hparams={"seed": 3},
-                   run_opts={"ckpt_interval_steps": 1, "noprogressbar": True}, checkpointer=checkpointer)
+                   run_opts={"ckpt_interval_steps": 0 if preempt else 1, "noprogressbar": True},
+                   checkpointer=checkpointer)
 brain.fit(counter, data, train_loader_kwargs={"batch_size": 4, "shuffle": True})
 checkpoint.save(os.path.join(out_dir, "final.fbrain"), brain.state)
 print("DONE", flush=True)
