@@ -36,7 +36,8 @@ WORKLOADS = {
     "conv": (SmallConv, lambda g: torch.randn(8, 4000, generator=g), lambda g, x: torch.randint(0, 10, (8,), generator=g),
              torch.nn.functional.cross_entropy),
 }
-_RENAME = re.compile(r"\bfbrain\b")
+# The package name where code uses it (imports, dotted names), not a string such as the file format's.
+_RENAME = re.compile(r"\bfbrain\b(?=\.|\s+import\b|\s+as\b|\s*$)", re.MULTILINE)
 
 
 def load_before(checkout: str) -> object:
