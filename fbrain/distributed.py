@@ -43,6 +43,16 @@ def mean_across_ranks(
     return out, mean[offset].to(loss.dtype)
 
 
+def scalar_mean(value):
+    """Under torchrun, the number ``value`` (a tensor or a float) averaged over every rank with one
+    small all-reduce, as a 0-dim float tensor; else ``value`` unchanged (None stays None)."""
+    if value is None or not active():
+        return value
+    value = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+    _, mean = mean_across_ranks({}, value.reshape(()).float(), dist.group.WORLD)
+    return mean
+
+
 def launched() -> bool:
     """True in a process started by torchrun (its RANK/LOCAL_RANK/WORLD_SIZE environment)."""
     return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))

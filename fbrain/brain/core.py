@@ -35,7 +35,7 @@ import contextlib
 import logging
 import time
 from types import SimpleNamespace
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch.utils.data import DataLoader

@@ -21,7 +21,6 @@ from fbrain.batches import MicroBatches
 from fbrain.brain.compiled_steps import StepCompiler
 from fbrain.brain.stage import Stage
 from fbrain.functional import swapped
-from fbrain.loss_scale import DynamicLossScale
 from fbrain.step import make_eval_step, make_train_step
 
 _OUTPUTS = "fbrain.brain.outputs"  # aux key carrying compute_forward's outputs out of the step

@@ -141,10 +141,8 @@ class ImperativeUpdates:
         self.update_loss_scale()
 
     def _apply(self, grads, rule, found_inf, scaled) -> None:
-        flag = self._loss_flag
-        if flag is not None and _distributed.active():
-            # Every rank must decide alike: a loss that was not finite on one rank skips the step on all.
-            _, flag = _distributed.mean_across_ranks({}, flag, torch.distributed.group.WORLD)
+        # Every rank must decide alike: a loss that was not finite on one rank skips the step on all.
+        flag = _distributed.scalar_mean(self._loss_flag)
         state, metrics = apply_gradients(self.owner.state, grads, rule, loss=flag,
                                          found_inf=found_inf, scaled=scaled, update_loss_scale=False)
         self.owner.state = state

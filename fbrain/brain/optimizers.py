@@ -34,9 +34,7 @@ FROZEN = "__frozen__"
 def hold(tx: GradientTransformation) -> GradientTransformation:
     """``tx`` paused: the same state, kept unchanged, and no gradients computed for its parameters
     (what an optimizer left out by ``freeze_optimizers`` does for a step)."""
-    return GradientTransformation(init=tx.init, update=lambda grads, state, params=None: ({}, state),
-                                  frozen=lambda params: frozenset(params),
-                                  apply=lambda grads, state, params, skip, in_place=False: (params, state))
+    return optim.frozen()._replace(init=tx.init)
 
 
 class OptimizerLayout:

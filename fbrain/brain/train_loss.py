@@ -21,19 +21,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
-
 from fbrain import distributed as _distributed
 from fbrain.brain.running_mean import RunningMean
-
-
-def mean_across_ranks(loss):
-    """Under torchrun, ``loss`` averaged over the ranks (a small all-reduce); else ``loss``."""
-    if loss is None or not _distributed.active():
-        return loss
-    loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-    _, mean = _distributed.mean_across_ranks({}, loss.reshape(()).float(), torch.distributed.group.WORLD)
-    return mean
 
 
 class TrainLoss:
@@ -56,7 +45,7 @@ class TrainLoss:
     def add(self, loss) -> None:
         """Count the loss of the batch just trained (None: no step, e.g. a collected micro-batch)."""
         if not self._averaged:
-            loss = mean_across_ranks(loss)
+            loss = _distributed.scalar_mean(loss)
         if self.custom:
             if loss is not None:
                 self.mean.reset(self.update_average(loss, self.mean.value()))
