@@ -38,7 +38,7 @@ def rechecksum(data: bytearray) -> bytearray:
     if len(data) >= s.TRAILER_BYTES and data[-s.TRAILER_BYTES:-s._TRAILER.size] == bytes(
             [0xC7, s._TRAILER.size, s.EXT_TRAILER]):
         offset, _ = s._TRAILER.unpack(bytes(data[-s._TRAILER.size:]))
-        data[-s._TRAILER.size:] = s._TRAILER.pack(offset, zlib.crc32(bytes(data[:-s.TRAILER_BYTES])))
+        data[-s.TRAILER_BYTES:] = s.trailer(offset, zlib.crc32(bytes(data[:-s.TRAILER_BYTES])))
     return data
 
 
@@ -85,8 +85,7 @@ def crafted_bomb(rng: random.Random) -> bytes:
         one = msgpack.ExtType(s.EXT_TENSOR, msgpack.packb(["float64", [1], [[len(s._HEADER), 8]]]))
         tree = [one] * rng.randint(2, 100_000)
     body = s._HEADER + msgpack.packb(tree)
-    trailer = s._TRAILER.pack(len(s._HEADER), zlib.crc32(body))
-    return body + bytes([0xC7, len(trailer), s.EXT_TRAILER]) + trailer
+    return body + s.trailer(len(s._HEADER), zlib.crc32(body))
 
 
 def same(a, b) -> bool:

@@ -88,7 +88,7 @@ def test_falling_back_from_a_damaged_intra_epoch_checkpoint_starts_the_epoch_afr
     open(newest.paramfiles["generator"], "wb").write(bytes(damaged))
 
     resumed = resume(tmp_path / "ckpts", ckpt_interval_steps=4)
-    with pytest.warns(UserWarning, match="generator.ckpt.*trying an older one"):
+    with pytest.warns(UserWarning, match="generator.fbrain.*trying an older one"):
         resumed.fit([2], data(), train_loader_kwargs=LOADER)
     # The Brain's file of the damaged checkpoint was read first; its position must not survive:
     # the run is exactly the one that recovers the end-of-epoch checkpoint alone.

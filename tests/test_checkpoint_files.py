@@ -155,13 +155,11 @@ def test_pickle_and_torch_save_files_are_refused(tmp_path):
 
 def test_foreign_extension_types_and_unregistered_names_are_refused():
     good = checkpoint.to_bytes({"w": 1})
-    header_end = len(msgpack.packb({"format": "fbrain", "version": 1}))
+    header_end = len(serialization._HEADER)
 
     def with_tree(obj):
         body = good[:header_end] + msgpack.packb(obj)
-        crc = __import__("zlib").crc32(body)
-        trailer = serialization._TRAILER.pack(header_end, crc)
-        return body + bytes([0xC7, len(trailer), 9]) + trailer
+        return body + serialization.trailer(header_end, __import__("zlib").crc32(body))
 
     with pytest.raises(checkpoint.CheckpointError, match="extension type 42 is not fbrain's"):
         checkpoint.from_bytes(with_tree({"x": msgpack.ExtType(42, b"payload")}))

@@ -35,8 +35,7 @@ def crafted(tree_obj, blobs: bytes = b"", tree_offset: int | None = None) -> byt
     body = HEADER + blobs
     offset = len(body) if tree_offset is None else tree_offset
     body += msgpack.packb(tree_obj)
-    trailer = s._TRAILER.pack(offset, zlib.crc32(body))
-    return body + bytes([0xC7, len(trailer), s.EXT_TRAILER]) + trailer
+    return body + s.trailer(offset, zlib.crc32(body))
 
 
 def load_both(data: bytes, tmp_path):
@@ -87,6 +86,32 @@ def test_every_bit_of_the_trailer_is_checked(tmp_path):
         load_both(bytes(data), tmp_path)  # a CheckpointError, never a value (a list, say)
 
 
+def test_the_checksum_covers_the_trailers_tree_offset(tmp_path):
+    # Version 2 seals the tree offset into the CRC: a changed offset that still points at a
+    # plausible place is a checksum mismatch, found before the tree is decoded from the wrong place.
+    good = bytearray(checkpoint.to_bytes({"w": torch.arange(4.0)}))
+    offset, stored = s._TRAILER.unpack(bytes(good[-s._TRAILER.size:]))
+    assert stored == zlib.crc32(s._OFFSET.pack(offset), zlib.crc32(bytes(good[:-s.TRAILER_BYTES])))
+    moved = good[:-s._TRAILER.size] + s._TRAILER.pack(offset - 1, stored)
+    with pytest.raises(checkpoint.CheckpointError, match="checksum mismatch"):
+        checkpoint.from_bytes(bytes(moved))
+
+
+def test_version_1_files_still_load(tmp_path):
+    # fbrain 0.2's files: version 1 in the header, the CRC over the bytes before the trailer only.
+    good = checkpoint.to_bytes({"w": torch.arange(4.0)})
+    body = s._HEADERS[1] + good[len(s._HEADER):-s.TRAILER_BYTES]
+    offset, _ = s._TRAILER.unpack(good[-s._TRAILER.size:])
+    payload = s._TRAILER.pack(offset, zlib.crc32(body))
+    path = tmp_path / "old.ckpt"
+    path.write_bytes(body + bytes([0xC7, len(payload), s.EXT_TRAILER]) + payload)
+    assert torch.equal(checkpoint.load(path)["w"], torch.arange(4.0))
+    reading.verify_file(str(path))
+    future = s._HEADERS[1].replace(b"\x01", b"\x07") + body[len(s._HEADER):]
+    with pytest.raises(checkpoint.CheckpointError, match="version 7, this fbrain reads versions 1, 2"):
+        checkpoint.from_bytes(future + bytes([0xC7, len(payload), s.EXT_TRAILER]) + payload)
+
+
 def test_tensor_bytes_must_lie_in_the_tensor_section(tmp_path):
     blob = b"\xc6" + struct.pack(">I", 8) + bytes(8)
     start = len(HEADER) + 5
@@ -131,8 +156,7 @@ def test_a_large_file_that_is_not_a_checkpoint_is_refused_from_its_first_bytes(t
     with open(path, "r+b") as f:  # a valid header and trailer around 2 GiB: the tree offset decides
         f.write(HEADER)
         f.seek((2 << 30) - s.TRAILER_BYTES)
-        trailer = s._TRAILER.pack(len(HEADER), 0)
-        f.write(bytes([0xC7, len(trailer), s.EXT_TRAILER]) + trailer)
+        f.write(s.trailer(len(HEADER), 0))
     with pytest.raises(checkpoint.CheckpointError, match="a tree of"):
         checkpoint.load(path)
 

@@ -49,7 +49,7 @@ def test_save_writes_speechbrains_layout_and_recover_restores_everything(tmp_pat
     saved = ckpt.save_checkpoint(meta={"loss": torch.tensor(0.25), "epoch": 2}, end_of_epoch=False)
     folder = os.path.basename(saved.path)
     assert folder.startswith("CKPT+") and sorted(os.listdir(saved.path)) == [
-        "CKPT.yaml", "counter.ckpt", "gen.ckpt", "model.ckpt"]
+        "CKPT.yaml", "counter.fbrain", "gen.fbrain", "model.fbrain"]
     with open(os.path.join(saved.path, "CKPT.yaml")) as f:
         meta = yaml.safe_load(f)  # SpeechBrain reads it as YAML
     assert meta["loss"] == 0.25 and meta["epoch"] == 2 and meta["end-of-epoch"] is False
@@ -125,7 +125,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path):
     data[-30] ^= 0xFF
     open(path, "wb").write(bytes(data))
     counter.value = 0
-    with pytest.warns(UserWarning, match=r"counter.ckpt.*corrupted"):
+    with pytest.warns(UserWarning, match=r"counter.fbrain.*corrupted"):
         found = ckpt.recover_if_possible()
     assert found.path == older.path and counter.value == 1
 
@@ -254,14 +254,71 @@ def test_recovery_verifies_a_checkpoint_before_changing_anything(tmp_path, damag
     with pytest.warns(UserWarning, match="trying an older one"):
         found = ckpt.recover_if_possible()
     assert found.path == older.path and counter.value == 1
-    # With no older checkpoint, recovery returns None (and the damaged files were never read into
-    # anything: the verification comes first).
+    # With no older checkpoint, recovery returns None and nothing changed: damaged files fail the
+    # verification, another model's weights fail the check before anything is applied.
     shutil.rmtree(older.path)
     counter.value = 0
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.warns(UserWarning):
         assert ckpt.recover_if_possible() is None
-    if damage != "another model":  # found only by loading, after the model (registered first) failed
-        assert counter.value == 0
+    assert counter.value == 0 and trees_equal(dict(model.state_dict()), weights)
+
+
+class HalfLoader:
+    """A recoverable whose loader (like a custom hook) changes part of it, then fails."""
+
+    def __init__(self):
+        self.a, self.b = 0, 0
+
+    @mark_as_saver
+    def _save(self, path):
+        checkpoint.save(path, {"a": self.a, "b": self.b})
+
+    @mark_as_loader
+    def _load(self, path, end_of_epoch):
+        record = checkpoint.load(path)
+        self.a = record["a"]
+        if record["b"] < 0:
+            raise ValueError("b must be >= 0")
+        self.b = record["b"]
+
+
+def test_a_checkpoint_loads_every_recoverable_or_changes_none(tmp_path):
+    # Written against fbrain 0.2: a recoverable that failed halfway left the others (and itself)
+    # loaded from the checkpoint it then skipped.
+    ckpt, model, counter, gen = make(tmp_path)
+    half = HalfLoader()
+    ckpt.add_recoverable("half", half)
+    half.a, half.b, counter.value = 5, -1, 9
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ckpt.save_checkpoint()
+    half.a, half.b, counter.value = 1, 1, 1
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    gen_state = gen.get_state()
+    with pytest.warns(UserWarning, match="ValueError: b must be >= 0.*nothing was loaded"):
+        assert ckpt.recover_if_possible() is None
+    assert (half.a, half.b, counter.value) == (1, 1, 1)
+    assert model.weight.eq(1.0).all() and torch.equal(gen.get_state(), gen_state)
+
+
+def test_a_brain_file_holding_another_tree_changes_nothing(tmp_path):
+    # Written against fbrain 0.2: the epoch counter was loaded from the checkpoint before the
+    # Brain's file failed with KeyError, and training went on from the wrong epoch.
+    counter = fbrain.EpochCounter(3)
+    ckpt = Checkpointer(tmp_path / "ckpts", {"counter": counter})
+    brain = RegressionBrain({"model": torch.nn.Linear(2, 1)}, lambda p: torch.optim.SGD(p, lr=0.1),
+                            checkpointer=ckpt)
+    brain.ensure_state()
+    counter.current = 2
+    saved = ckpt.save_checkpoint()
+    checkpoint.save(saved.paramfiles["brain"], {"state": 1})  # intact, but not a Brain's record
+    before = {k: v.clone() for k, v in brain.state.params.items()}
+    counter.current = 0
+    with pytest.warns(UserWarning, match="not a Brain's checkpoint"):
+        assert ckpt.recover_if_possible() is None
+    assert counter.current == 0 and trees_equal(brain.state.params, before)
 
 
 def test_a_tampered_metadata_file_makes_its_checkpoint_damaged_never_newest(tmp_path):

@@ -59,13 +59,15 @@ from fbrain.brain.running_mean import RunningMean
 from fbrain.brain.stage import Stage
 from fbrain.brain.train_loss import TrainLoss
 from fbrain.brain.views import OptimizerView, ScalerView
-from fbrain.checkpoint.checkpointer import mark_as_loader, mark_as_saver
+from fbrain.checkpoint.recoverables import mark_as_loader, mark_as_preparer, mark_as_saver
 from fbrain.loss_scale import DynamicLossScale
 from fbrain.optim.base import GradientTransformation
 from fbrain.state import TrainState
 
 logger = logging.getLogger(__name__)
 
+# What a Brain's checkpoint file holds (besides the TrainState), and the running loss's record.
+_BRAIN_RECORD = {"state", "step", "optimizer_step", "train_loss", "nonfinite_base", "nonfinite_extra"}
 _REPORT_SECONDS = 0.5  # how often the running loss and the non-finite count are read on the host
 
 
@@ -199,28 +201,42 @@ class Brain:
             "nonfinite_base": self._nonfinite_base, "nonfinite_extra": self._nonfinite_extra,
         })
 
-    @mark_as_loader
-    def _recover(self, path, end_of_epoch=True):
+    @mark_as_preparer
+    def _prepare_recover(self, path, end_of_epoch=True):
+        """Read and check the Brain's checkpoint file; the function returned puts it in place."""
         record = _checkpoint.load(path)  # verified, on the CPU: each part is placed once, below
+        if not isinstance(record, dict) or not _BRAIN_RECORD <= record.keys():
+            raise _checkpoint.CheckpointError(f"{path}: not a Brain's checkpoint (expected the fields "
+                                              f"{sorted(_BRAIN_RECORD)})")
         saved = record["state"]
         if self._layout is not None and isinstance(saved, TrainState):
             saved = saved.replace(opt_state=self._layout.upgrade(saved.opt_state))
         # Strict where it matters: the saved state must fit the modules and optimizers we have (and
         # lands on their devices).
-        self.state = _checkpoint.restore(saved, self._state, device=self.device if self._state is None else None)
-        self.optimizer_step = record["optimizer_step"]
-        if not end_of_epoch:
-            # Resume in the middle of the epoch: the next epoch skips the batches already trained
-            # on (self.step of them) and keeps the running loss exactly as it was.
-            self.step = record["step"]
-            self._train_loss.mean.restore(_checkpoint.restore(record["train_loss"], device=self.device))
-            self._nonfinite_base, self._nonfinite_extra = record["nonfinite_base"], record["nonfinite_extra"]
-        else:
-            # A fresh epoch starts: forget any position a newer (intra-epoch) checkpoint set before
-            # one of its later files turned out damaged and recovery fell back to this one.
-            self.step = 0
-            self._train_loss.reset(0.0)
-            self._nonfinite_base, self._nonfinite_extra = None, 0
+        state = _checkpoint.restore(saved, self._state, device=self.device if self._state is None else None)
+        train_loss = None if end_of_epoch else _checkpoint.restore(record["train_loss"], device=self.device)
+        if train_loss is not None and not (isinstance(train_loss, dict) and RunningMean.RECORD <= train_loss.keys()):
+            raise _checkpoint.CheckpointError(f"{path}: the running loss's record is damaged")
+
+        def apply():
+            self.state = state
+            self.optimizer_step = record["optimizer_step"]
+            if not end_of_epoch:
+                # Resume in the middle of the epoch: the next epoch skips the batches already trained
+                # on (self.step of them) and keeps the running loss exactly as it was.
+                self.step = record["step"]
+                self._train_loss.mean.restore(train_loss)
+                self._nonfinite_base, self._nonfinite_extra = record["nonfinite_base"], record["nonfinite_extra"]
+            else:
+                # A fresh epoch starts: forget any position left from an earlier recovery.
+                self.step = 0
+                self._train_loss.reset(0.0)
+                self._nonfinite_base, self._nonfinite_extra = None, 0
+        return apply
+
+    @mark_as_loader
+    def _recover(self, path, end_of_epoch=True):
+        self._prepare_recover(path, end_of_epoch)()
 
     def _save_intra_epoch_ckpt(self):
         """An intra-epoch checkpoint; only the newest one is kept (SpeechBrain's behaviour)."""

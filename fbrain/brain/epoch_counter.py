@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 from fbrain import checkpoint
-from fbrain.checkpoint.checkpointer import mark_as_loader, mark_as_saver
+from fbrain.checkpoint.recoverables import mark_as_loader, mark_as_preparer, mark_as_saver
 
 
 class EpochCounter:
@@ -39,19 +39,27 @@ class EpochCounter:
         return {"current": self.current}
 
     def load_state_dict(self, state: dict) -> None:
-        current = state["current"]
-        if not isinstance(current, int):
-            raise TypeError(f"EpochCounter: state 'current' must be an int, got {type(current).__name__}")
-        self.current = current
+        self.current = self._checked(state)
+
+    @staticmethod
+    def _checked(state) -> int:
+        current = state.get("current") if isinstance(state, dict) else None
+        if not isinstance(current, int) or isinstance(current, bool):
+            raise TypeError(f"EpochCounter: expected a state {{'current': int}}, got {state!r:.80}")
+        return current
 
     # Checkpointer hooks (the names SpeechBrain's EpochCounter uses).
     @mark_as_saver
     def _save(self, path) -> None:
         checkpoint.save(path, self.state_dict())
 
+    @mark_as_preparer
+    def _prepare_recover(self, path, end_of_epoch=True):
+        current = self._checked(checkpoint.load(path))
+        # An epoch interrupted in the middle must be run again (the Brain skips what was done).
+        target = current if end_of_epoch else current - 1
+        return lambda: setattr(self, "current", target)
+
     @mark_as_loader
     def _recover(self, path, end_of_epoch=True) -> None:
-        self.load_state_dict(checkpoint.load(path))
-        # An epoch interrupted in the middle must be run again (the Brain skips what was done).
-        if not end_of_epoch:
-            self.current -= 1
+        self._prepare_recover(path, end_of_epoch)()

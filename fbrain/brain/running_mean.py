@@ -68,6 +68,8 @@ class RunningMean:
         total, count = torch.stack([self._sum, self._count]).tolist()
         return total / count if count else self._initial
 
+    RECORD = frozenset({"pending", "weights", "sum", "count", "initial"})  # the keys of a record
+
     def record(self) -> dict:
         """The exact state (pending losses included: folding them early would change the rounding
         of the epoch's average), as plain values and tensors for a checkpoint."""

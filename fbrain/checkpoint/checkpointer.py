@@ -1,11 +1,13 @@
 """SpeechBrain's ``Checkpointer``: named recoverables saved together in ``CKPT+<time>`` folders.
 
-A checkpoint is a folder holding one file per recoverable (``<name>.ckpt``, in fbrain's msgpack
-format, never pickle) and a ``CKPT.yaml`` metadata file (written as JSON, which YAML readers accept).
+A checkpoint is a folder holding one file per recoverable (``<name>.fbrain`` in fbrain's msgpack
+format, never pickle; ``<name>.ckpt`` where a custom or SpeechBrain hook writes it) and a
+``CKPT.yaml`` metadata file (written as JSON, which YAML readers accept, with its own checksum).
 A folder is written under a temporary name and renamed when complete, so a crash mid-save leaves
 no folder that looks like a checkpoint; the leftovers are ignored and removed later. When the
 newest checkpoint turns out damaged, :meth:`Checkpointer.recover_if_possible` warns and falls back
-to the newest intact one.
+to the newest intact one; a checkpoint loads all its recoverables or changes none
+(:mod:`fbrain.checkpoint.recoverables`).
 
 Example::
 
@@ -37,83 +39,22 @@ from typing import Any, Callable
 import torch
 
 from fbrain import distributed
-from fbrain.checkpoint.files import fsync_dir, load, save
+from fbrain.checkpoint.files import fsync_dir
 from fbrain.checkpoint.reading import is_fbrain_file, verify_file
+from fbrain.checkpoint.recoverables import (  # noqa: F401 - mark_as_*: also importable from here
+    SUFFIXES, default_save, file_name, load_all, mark_as_loader, mark_as_preparer, mark_as_saver)
 from fbrain.checkpoint.serialization import CheckpointError
 
 log = logging.getLogger(__name__)
 
 PREFIX = "CKPT"
 META_FILE = "CKPT.yaml"
-SUFFIX = ".ckpt"
 TMP_MARK = ".incomplete-"
 
 LOCK_FILE = ".fbrain-writer.lock"
 
 Checkpoint = collections.namedtuple("Checkpoint", ["path", "meta", "paramfiles"])
 Checkpoint.__doc__ = "A saved checkpoint: its folder, its metadata, and the file of each recoverable."
-
-
-# -- how one recoverable is saved and loaded -------------------------------------------------------
-
-def mark_as_saver(method: Callable) -> Callable:
-    """Mark ``method(self, path)`` as the object's checkpoint saver."""
-    method._fbrain_saver = True
-    return method
-
-
-def mark_as_loader(method: Callable) -> Callable:
-    """Mark ``method(self, path, end_of_epoch)`` as the object's checkpoint loader."""
-    method._fbrain_loader = True
-    return method
-
-
-# The attributes that mark a method as a saver / loader: fbrain's own, then SpeechBrain's
-# (``speechbrain.utils.checkpoints.mark_as_saver`` / ``mark_as_loader`` set these), so SpeechBrain's
-# EpochCounter, NewBobScheduler ... are recoverables as they are, without importing SpeechBrain.
-SAVER_FLAGS = ("_fbrain_saver", "_speechbrain_saver")
-LOADER_FLAGS = ("_fbrain_loader", "_speechbrain_loader")
-
-
-def _marked(obj: Any, flags: tuple[str, ...]):
-    """The bound method of ``obj`` marked with the first of ``flags`` found, or None."""
-    cls = type(obj)
-    for flag in flags:
-        for name in dir(cls):
-            if getattr(getattr(cls, name, None), flag, False):
-                return getattr(obj, name)
-    return None
-
-
-def default_save(obj: Any, path: str) -> None:
-    """Save a recoverable by what it is: marked hooks (fbrain's or SpeechBrain's), a generator, or
-    a state_dict owner (modules, LR schedulers, torch optimizers ...)."""
-    saver = _marked(obj, SAVER_FLAGS)
-    if saver is not None:
-        return saver(path)
-    if isinstance(obj, torch.Generator):
-        return save(path, {"generator_state": obj.get_state()})
-    if hasattr(obj, "state_dict"):
-        return save(path, obj.state_dict())
-    raise TypeError(f"cannot checkpoint a {type(obj).__name__}: give it @mark_as_saver/@mark_as_loader "
-                    "methods, a state_dict()/load_state_dict() pair, or custom hooks in add_recoverable")
-
-
-def default_load(obj: Any, path: str, end_of_epoch: bool, allow_partial: bool) -> None:
-    loader = _marked(obj, LOADER_FLAGS)
-    if loader is not None:
-        return loader(path, end_of_epoch)
-    if isinstance(obj, torch.Generator):
-        return obj.set_state(load(path)["generator_state"])
-    if isinstance(obj, torch.nn.Module):
-        state = load(path)
-        missing, unexpected = obj.load_state_dict(state, strict=not allow_partial)
-        if missing or unexpected:
-            log.warning("partial load of %s: missing %s, unexpected %s", path, missing, unexpected)
-        return None
-    if hasattr(obj, "load_state_dict"):
-        return obj.load_state_dict(load(path))
-    raise TypeError(f"cannot recover a {type(obj).__name__}: it has no loader")
 
 
 # -- one writer per folder ---------------------------------------------------------------------------
@@ -237,8 +178,8 @@ class Checkpointer:
         try:
             paramfiles = {}
             for key, obj in self.recoverables.items():
-                path = os.path.join(tmp, key + SUFFIX)
                 hook = self.custom_save_hooks.get(key)
+                path = os.path.join(tmp, file_name(key, obj, hook))
                 hook(obj, path) if hook is not None else default_save(obj, path)
                 paramfiles[key] = path
             full_meta = {**(meta or {}), "end-of-epoch": end_of_epoch, "unixtime": time.time()}
@@ -291,7 +232,11 @@ class Checkpointer:
             except (OSError, ValueError) as err:
                 log.warning("ignoring %s: its %s is damaged or unreadable (%s)", path, META_FILE, err)
                 continue
-            paramfiles = {f[:-len(SUFFIX)]: os.path.join(path, f) for f in os.listdir(path) if f.endswith(SUFFIX)}
+            paramfiles = {}
+            for f in sorted(os.listdir(path), key=lambda f: f.endswith(SUFFIXES[0])):  # .fbrain wins
+                stem, suffix = os.path.splitext(f)
+                if suffix in SUFFIXES:
+                    paramfiles[stem] = os.path.join(path, f)
             found.append(Checkpoint(path, meta, paramfiles))
         return found
 
@@ -331,25 +276,19 @@ class Checkpointer:
                 verify_file(path)
 
     def load_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Load every recoverable from ``checkpoint``, or (raising the error) change none."""
         self.verify_checkpoint(checkpoint)
-        end_of_epoch = bool(checkpoint.meta.get("end-of-epoch", True))
-        for key, obj in self.recoverables.items():
-            path = checkpoint.paramfiles.get(key)
-            if path is None:
-                continue  # allowed: verify_checkpoint refuses a missing file otherwise
-            hook = self.custom_load_hooks.get(key)
-            if hook is not None:
-                hook(obj, path, end_of_epoch)
-            else:
-                default_load(obj, path, end_of_epoch, self.allow_partial_load)
+        items = {key: (obj, checkpoint.paramfiles[key], self.custom_load_hooks.get(key))
+                 for key, obj in self.recoverables.items() if key in checkpoint.paramfiles}
+        load_all(items, bool(checkpoint.meta.get("end-of-epoch", True)), self.allow_partial_load,
+                 self.custom_save_hooks)
 
     def recover_if_possible(self, importance_key=None, max_key=None, min_key=None, ckpt_predicate=None):
         """Load the best checkpoint; if it is damaged, warn and try the next. Returns it, or None.
 
         Every file of a checkpoint is verified before any recoverable changes (a damaged file,
-        a missing one, a directory where a file should be). A file that verifies but cannot be
-        loaded (it holds another model) is found only while loading: recovery then goes on with
-        the next checkpoint, which loads every recoverable again."""
+        a missing one, a directory where a file should be), and a checkpoint whose files verify
+        but do not fit the recoverables (another model) changes none of them either."""
         for checkpoint in self.find_checkpoints(importance_key, max_key, min_key, ckpt_predicate):
             try:
                 self.verify_checkpoint(checkpoint)
@@ -361,7 +300,7 @@ class Checkpointer:
                 self.load_checkpoint(checkpoint)
             except Exception as err:  # noqa: BLE001 - any failure of a recoverable's loader: fall back
                 warnings.warn(f"checkpoint {checkpoint.path} cannot be loaded ({type(err).__name__}: {err}); "
-                              "trying an older one", stacklevel=2)
+                              "nothing was loaded from it, trying an older one", stacklevel=2)
                 continue
             log.info("recovered from %s", checkpoint.path)
             return checkpoint

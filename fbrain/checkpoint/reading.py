@@ -13,7 +13,8 @@ The layout is in :mod:`fbrain.checkpoint.serialization`. Whatever the input, eve
    the header), and all tensors together no larger than that section. After decoding, the spans must
    follow each other in file order without overlap and the last must end where the tree starts
    (where the writer put it: a changed tree offset cannot slip through).
-3. **The checksum** over every byte before the trailer. Held in memory, the bytes are verified
+3. **The checksum** over every byte of the file: those before the trailer, then (version 2) the
+   trailer's tree offset. Held in memory, the bytes are verified
    first; a file is verified while its tensors are read straight into their own memory (one pass,
    the CRC on a second thread: ``readinto`` and ``zlib.crc32`` both release the GIL).
 
@@ -49,8 +50,10 @@ def _looks_like_pickle(head: bytes) -> bool:
     return head[:1] == b"\x80" or head[:2] == b"PK"  # pickle protocol 2+ / torch.save's zip
 
 
-def envelope(size: int, pread: Callable[[int, int], bytes], name: str) -> tuple[int, int]:
-    """``(tree_offset, crc)`` from the first and last bytes of a checkpoint of ``size`` bytes."""
+def envelope(size: int, pread: Callable[[int, int], bytes], name: str) -> tuple[int, Callable[[int], bool]]:
+    """``(tree_offset, matches)`` from the first and last bytes of a checkpoint of ``size`` bytes:
+    ``matches(crc)`` says whether ``crc``, the CRC-32 of every byte before the trailer, is the one
+    the trailer seals (for the file's format version)."""
     head = pread(0, min(size, _HEAD_BYTES))
     if _looks_like_pickle(head):
         raise CheckpointError(
@@ -58,24 +61,24 @@ def envelope(size: int, pread: Callable[[int, int], bytes], name: str) -> tuple[
             "run code). Convert SpeechBrain checkpoints with fbrain.checkpoint.import_speechbrain.")
     tail = pread(size - s.TRAILER_BYTES, s.TRAILER_BYTES) if size >= s.TRAILER_BYTES else b""
     has_trailer = tail[:3] == bytes([0xC7, s._TRAILER.size, s.EXT_TRAILER])
-    has_header = head.startswith(s._HEADER)
+    version = next((v for v, header in s._HEADERS.items() if head.startswith(header)), None)
     if not has_trailer:
-        if has_header:
+        if version is not None:
             raise CheckpointError(f"{name}: truncated checkpoint (no trailer; the write did not finish)")
         raise CheckpointError(f"{name}: not an fbrain checkpoint (no fbrain header or trailer)")
-    if not has_header:
+    if version is None:
         try:
             first = next(msgpack.Unpacker(io.BytesIO(head), raw=False))
         except Exception:  # noqa: BLE001 - any garbage: the header is simply bad
             first = None
         if isinstance(first, dict) and first.get("format") == s.FORMAT:
-            raise CheckpointError(f"{name}: checkpoint version {first.get('version')!r}, "
-                                  f"this fbrain reads version {s.VERSION}")
+            raise CheckpointError(f"{name}: checkpoint version {first.get('version')!r}, this fbrain reads "
+                                  f"versions {', '.join(map(str, s.READABLE_VERSIONS))}; upgrade fbrain")
         raise CheckpointError(f"{name}: corrupted checkpoint (bad header)")
-    tree_offset, crc = s._TRAILER.unpack(tail[3:])
+    tree_offset, stored = s._TRAILER.unpack(tail[3:])
     if not len(s._HEADER) <= tree_offset <= size - s.TRAILER_BYTES:
         raise CheckpointError(f"{name}: corrupted checkpoint (bad tree offset)")
-    return tree_offset, crc
+    return tree_offset, lambda crc: s.seal(crc, tree_offset, version) == stored
 
 
 def _descriptor(data: bytes, name: str, section: tuple[int, int], budget: list) -> tuple:
@@ -171,9 +174,9 @@ def read(buffer: bytearray, name: str = "checkpoint") -> Any:
     """Decode a checkpoint held in a writable buffer (verified first); tensors share its memory,
     except one written in several chunks (over 1 GiB), which is joined into new memory."""
     view = memoryview(buffer)
-    tree_offset, expected = envelope(len(view), lambda offset, n: bytes(view[offset:offset + n]), name)
+    tree_offset, matches = envelope(len(view), lambda offset, n: bytes(view[offset:offset + n]), name)
     end = len(view) - s.TRAILER_BYTES
-    if zlib.crc32(view[:end]) != expected:
+    if not matches(zlib.crc32(view[:end])):
         raise CheckpointError(f"{name}: corrupted checkpoint (checksum mismatch)")
 
     def make_tensor(dtype, shape, spans):
@@ -204,14 +207,15 @@ def _fill(f, view: memoryview, name: str, crc: BackgroundCrc) -> None:
 
 
 def is_fbrain_file(path: str) -> bool:
-    """Whether the file at ``path`` starts with fbrain's header (reads its first bytes only)."""
+    """Whether the file at ``path`` starts with fbrain's header, of any version this fbrain reads
+    (reads its first bytes only)."""
     with open(path, "rb") as f:
-        return f.read(len(s._HEADER)) == s._HEADER
+        return f.read(len(s._HEADER)) in s._HEADERS.values()
 
 
 @contextlib.contextmanager
 def _opened(path: str):
-    """``(file, tree_offset, expected crc, tree bytes)`` of a checkpoint file whose envelope is sound."""
+    """``(file, tree_offset, matches, tree bytes)`` of a checkpoint file whose envelope is sound."""
     name = str(path)
     try:
         f = open(path, "rb", buffering=0)
@@ -220,19 +224,19 @@ def _opened(path: str):
     with f:
         size = os.fstat(f.fileno()).st_size
         pread = lambda offset, n: os.pread(f.fileno(), n, offset)  # noqa: E731
-        tree_offset, expected = envelope(size, pread, name)
+        tree_offset, matches = envelope(size, pread, name)
         tree_size = size - s.TRAILER_BYTES - tree_offset
         if tree_size > MAX_TREE_BYTES:
             raise CheckpointError(f"{name}: corrupted checkpoint (a tree of {tree_size} bytes; at most "
                                   f"{MAX_TREE_BYTES})")
-        yield f, tree_offset, expected, pread(tree_offset, tree_size)
+        yield f, tree_offset, matches, pread(tree_offset, tree_size)
 
 
 def verify_file(path: str) -> None:
     """Raise a CheckpointError unless ``path`` is an intact fbrain checkpoint: the checks of
     :func:`read_file`, without allocating any tensor (one read of the file for the checksum)."""
     name = str(path)
-    with _opened(path) as (f, tree_offset, expected, tree_bytes):
+    with _opened(path) as (f, tree_offset, matches, tree_bytes):
         decode_tree(tree_bytes, tree_offset, name, lambda dtype, shape, spans: torch.empty(0))
         f.seek(0)
         piece, value, done = memoryview(bytearray(min(crc_module.PIECE_BYTES, tree_offset))), 0, 0
@@ -242,14 +246,14 @@ def verify_file(path: str) -> None:
                 raise CheckpointError(f"{name}: corrupted checkpoint (the file shrank while being read)")
             value = zlib.crc32(piece[:n], value)
             done += n
-        if zlib.crc32(tree_bytes, value) != expected:
+        if not matches(zlib.crc32(tree_bytes, value)):
             raise CheckpointError(f"{name}: corrupted checkpoint (checksum mismatch)")
 
 
 def read_file(path: str) -> Any:
     """Decode the checkpoint file at ``path``: each tensor's bytes are read straight into it."""
     name = str(path)
-    with _opened(path) as (f, tree_offset, expected, tree_bytes):
+    with _opened(path) as (f, tree_offset, matches, tree_bytes):
         tree, placed = decode_tree(tree_bytes, tree_offset, name,
                                    lambda dtype, shape, spans: torch.empty(shape, dtype=dtype))
         crc, position = BackgroundCrc(), 0
@@ -262,6 +266,6 @@ def read_file(path: str) -> Any:
             _fill(f, memoryview(bytearray(tree_offset - position)), name, crc)
         finally:
             value = crc.result()
-        if zlib.crc32(tree_bytes, value) != expected:
+        if not matches(zlib.crc32(tree_bytes, value)):
             raise CheckpointError(f"{name}: corrupted checkpoint (checksum mismatch)")
     return tree

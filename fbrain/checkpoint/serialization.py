@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import struct
+import zlib
 from typing import Any, BinaryIO
 
 import msgpack
@@ -40,7 +41,8 @@ from fbrain.checkpoint import crc as crc_module
 from fbrain.checkpoint.crc import BackgroundCrc
 
 FORMAT = "fbrain"
-VERSION = 1
+VERSION = 2  # 2: the checksum also covers the trailer's tree offset (1: the bytes before the trailer)
+READABLE_VERSIONS = (1, 2)
 CHUNK_BYTES = 1 << 30  # tensors above 1 GiB are written as several bin objects
 ALIGN = 64
 
@@ -54,7 +56,21 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32, torch.uint64,
 )}
 _NAMED: dict[str, type] = {}
-_HEADER = msgpack.packb({"format": FORMAT, "version": VERSION})
+_HEADERS = {v: msgpack.packb({"format": FORMAT, "version": v}) for v in READABLE_VERSIONS}
+_HEADER = _HEADERS[VERSION]  # every version's header has this length
+_OFFSET = struct.Struct("<Q")
+
+
+def seal(body_crc: int, tree_offset: int, version: int = VERSION) -> int:
+    """The checksum a trailer stores: the CRC-32 of every byte before the trailer, continued (from
+    version 2 on) over the tree offset the trailer holds, so no byte of the file is unchecked."""
+    return zlib.crc32(_OFFSET.pack(tree_offset), body_crc) if version >= 2 else body_crc
+
+
+def trailer(tree_offset: int, body_crc: int) -> bytes:
+    """The last bytes of a checkpoint file (the current version) whose body has CRC ``body_crc``."""
+    payload = _TRAILER.pack(tree_offset, seal(body_crc, tree_offset))
+    return bytes([0xC7, len(payload), EXT_TRAILER]) + payload
 
 
 class CheckpointError(ValueError):
@@ -169,8 +185,7 @@ def write(tree: Any, out: BinaryIO) -> None:
         writer.write(msgpack.packb(encoded, default=_nested_ext))
     finally:
         crc = writer.crc.result()  # also stops the worker when writing failed
-    payload = _TRAILER.pack(tree_offset, crc)
-    out.write(bytes([0xC7, len(payload), EXT_TRAILER]) + payload)
+    out.write(trailer(tree_offset, crc))
 
 
 def to_bytes(tree: Any) -> bytes:
