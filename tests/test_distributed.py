@@ -95,6 +95,22 @@ def test_brain_killed_and_resumed_under_torchrun_is_bitwise_identical(tmp_path):
     assert last(tmp_path / "resumed" / "losses.txt") == last(tmp_path / "straight" / "losses.txt")
 
 
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_the_run_resumes_bit_for_bit(tmp_path):
+    # fbrain 0.2 caught no signal under torchrun: the rank it reached died, the run lost its epoch.
+    torchrun(tmp_path / "straight", 4, "--dropout", "--every-3-steps", script=BRAIN_SCRIPT)
+    stopped = torchrun(tmp_path / "resumed", 4, "--dropout", "--signal-at-step", 1, script=BRAIN_SCRIPT,
+                       expect_ok=False)
+    assert stopped.returncode != 0 and "exitcode  : 143" in stopped.stderr, stopped.stderr[-3000:]
+    assert "saved a checkpoint at epoch step 2" in stopped.stderr  # the step after the signal
+    assert not (tmp_path / "resumed" / "rank0.fbrain").exists()
+    torchrun(tmp_path / "resumed", 4, "--dropout", "--every-3-steps", script=BRAIN_SCRIPT)
+    for rank in (0, 1):
+        assert trees_equal(checkpoint.load(tmp_path / "resumed" / f"rank{rank}.fbrain"),
+                           checkpoint.load(tmp_path / "straight" / f"rank{rank}.fbrain"))
+    steps = [tuple(line.split()[:2]) for line in open(tmp_path / "resumed" / "losses.txt")]
+    assert steps.count(("2", "2")) == 1 and steps.count(("2", "3")) == 1  # nothing trained twice
+
+
 IMPERATIVE_SCRIPT = REPO / "tests" / "scripts" / "ddp_imperative.py"
 
 

@@ -261,7 +261,6 @@ class Brain:
         if self._intra_epoch_due and not self._pending:
             self._save_intra_epoch_ckpt()
             self._intra_epoch_due = False
-        self._preemption = Preemption()
 
     # -- optimizers --------------------------------------------------------------------------------
 
@@ -505,7 +504,7 @@ class Brain:
             for epoch in epoch_counter:
                 self._fit_train(train_set, epoch, enable)
                 self._fit_valid(valid_set, epoch, enable)
-                if self._preemption.signal is not None:  # arrived after the epoch's last step
+                if self._preemption.settle():  # arrived after the epoch's last step
                     logger.warning("stopping after epoch %s; the next run resumes from the last checkpoint", epoch)
                     raise SystemExit(self._preemption.exit_status())
                 if (self.debug and epoch == self.debug_epochs) or self._step_limit_reached():
@@ -550,7 +549,7 @@ class Brain:
                     self.step += 1
                     self._train_loss.add(self.fit_batch(batch))
                     self._after_train_batch()
-                    if self._preemption.signal is not None and not self._pending:
+                    if self._preemption.poll() and not self._pending:
                         self._stop_for_signal()
                     if time.monotonic() - last_report >= _REPORT_SECONDS:
                         self._report(bar, shown)

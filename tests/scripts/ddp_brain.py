@@ -1,12 +1,14 @@
 """Launched by tests/test_distributed.py: fbrain.Brain under torchrun (or alone, for the reference).
 
-usage: ddp_brain.py OUT_DIR PER_RANK_BATCH [--dropout] [--kill-at-step N]
+usage: ddp_brain.py OUT_DIR PER_RANK_BATCH [--dropout] [--kill-at-step N | --signal-at-step N | --every-3-steps]
 
 Trains an MLP with dropout for 2 epochs on 32 examples (shuffle=False, so the shards are
 interleaved and one process with a batch of WORLD x PER_RANK_BATCH sees the same examples per
 step), with an intra-epoch checkpoint after every step. Writes OUT_DIR/rank{R}.fbrain (the final
 TrainState) and, on rank 0, OUT_DIR/losses.txt. With kill-at-step N, rank 0 SIGKILLs itself after
-its N-th step of epoch 2. --dropout puts a Dropout(0.3) in the model.
+its N-th step of epoch 2. With signal-at-step N, rank 1 alone sends itself SIGTERM after its N-th
+step of epoch 2, and intra-epoch checkpoints come every 3 steps (as with --every-3-steps, which
+gives the same arithmetic without a signal). --dropout puts a Dropout(0.3) in the model.
 """
 
 import os
@@ -20,6 +22,8 @@ from fbrain import checkpoint
 
 out_dir, batch_size, options = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 kill_at = int(options[options.index("--kill-at-step") + 1]) if "--kill-at-step" in options else None
+signal_at = int(options[options.index("--signal-at-step") + 1]) if "--signal-at-step" in options else None
+interval = 3 if signal_at is not None or "--every-3-steps" in options else 1
 dropout = 0.3 if "--dropout" in options else 0.0
 g = torch.Generator().manual_seed(0)
 data = [(torch.randn(6, generator=g), torch.randn(2, generator=g)) for _ in range(32)]
@@ -38,6 +42,8 @@ class Regression(fbrain.Brain):
                 f.write(f"{counter.current} {self.step} {float(loss).hex()}\n")
         if kill_at is not None and counter.current == 2 and self.step == kill_at and fbrain.distributed.rank() == 0:
             os.kill(os.getpid(), signal.SIGKILL)
+        if signal_at is not None and counter.current == 2 and self.step == signal_at and fbrain.distributed.rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 torch.manual_seed(0)
@@ -45,7 +51,7 @@ model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dr
 counter = fbrain.EpochCounter(2)
 checkpointer = checkpoint.Checkpointer(os.path.join(out_dir, "ckpts"), {"counter": counter})
 brain = Regression({"model": model}, lambda p: torch.optim.Adam(p, lr=1e-2),
-                   run_opts={"ckpt_interval_steps": 1, "noprogressbar": True}, checkpointer=checkpointer)
+                   run_opts={"ckpt_interval_steps": interval, "noprogressbar": True}, checkpointer=checkpointer)
 brain.fit(counter, data, train_loader_kwargs={"batch_size": batch_size, "shuffle": False})
 checkpoint.save(os.path.join(out_dir, f"rank{fbrain.distributed.rank()}.fbrain"), brain.state)
 fbrain.distributed.barrier()
