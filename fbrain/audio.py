@@ -2,7 +2,9 @@
 
 Files are read and written with soundfile (torchaudio's own loader needs FFmpeg). Augmentations
 take an explicit ``torch.Generator``: the same generator state gives the same noise, room and
-speed, so an augmented epoch can be replayed exactly (the global RNG is never touched).
+speed, so an augmented epoch can be replayed exactly (the global RNG is never touched). Everything
+here is plain torch (no torchaudio, which loads only with one torch release): scaling noise to an
+SNR, FFT convolution, and polyphase resampling with a Kaiser-windowed sinc filter.
 
 Example::
 
@@ -22,7 +24,8 @@ from typing import Sequence
 
 import soundfile
 import torch
-import torchaudio.functional as AF
+
+from fbrain.losses.resample import resample_poly_octave
 
 
 class AudioFileError(OSError):
@@ -52,6 +55,37 @@ def write_audio(path: str | os.PathLike, waveform: torch.Tensor, sample_rate: in
                     subtype="FLOAT")
 
 
+def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
+    """``[..., time]`` audio at ``orig_rate`` Hz, resampled to ``new_rate`` Hz (polyphase, with the
+    anti-aliasing filter of Octave's ``resample``: 60 dB stop band, as ``scipy.signal.resample_poly``
+    aligns its output); ``ceil(time * new_rate / orig_rate)`` samples."""
+    return resample_poly_octave(waveform, orig_rate, new_rate)
+
+
+def fftconvolve(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The full linear convolution of ``x`` and ``y`` along their last dimension (broadcast over the
+    others), ``x.shape[-1] + y.shape[-1] - 1`` samples long, computed with real FFTs."""
+    n = x.shape[-1] + y.shape[-1] - 1
+    return torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(y, n=n), n=n)
+
+
+def mix_at_snr(clean: torch.Tensor, noise: torch.Tensor, snr_db: torch.Tensor,
+               lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """``clean + g * noise`` for ``[..., time]`` signals, each gain ``g`` chosen so the mixture's SNR
+    is ``snr_db`` (one value per signal). With ``lengths`` (samples per signal), the energies count
+    only the first ``lengths`` samples (the noise is still added everywhere). The same arithmetic
+    as ``torchaudio.functional.add_noise``."""
+    clean_part, noise_part = clean, noise
+    if lengths is not None:
+        mask = torch.arange(clean.shape[-1], device=clean.device) < lengths.to(clean.device).unsqueeze(-1)
+        clean_part, noise_part = clean * mask, noise * mask
+    clean_energy = torch.linalg.vector_norm(clean_part, ord=2, dim=-1) ** 2
+    noise_energy = torch.linalg.vector_norm(noise_part, ord=2, dim=-1) ** 2
+    present_snr_db = 10 * (torch.log10(clean_energy) - torch.log10(noise_energy))
+    gain = 10 ** ((present_snr_db - snr_db) / 20.0)
+    return clean + gain.unsqueeze(-1) * noise
+
+
 def _uniform(low: float, high: float, n: int, generator: torch.Generator) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=generator)
 
@@ -66,7 +100,7 @@ def _crop_or_tile(noise: torch.Tensor, length: int, generator: torch.Generator) 
 def add_noise(clean: torch.Tensor, noises: Sequence[torch.Tensor], snr_db: tuple[float, float],
               generator: torch.Generator, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Add a randomly chosen, randomly placed noise to every waveform of ``[batch, time]`` at a
-    random SNR drawn uniformly from ``snr_db`` (torchaudio.functional.add_noise does the scaling)."""
+    random SNR drawn uniformly from ``snr_db`` (scaled by :func:`mix_at_snr`)."""
     if clean.ndim != 2:
         raise ValueError(f"clean: expected [batch, time], got shape {tuple(clean.shape)}")
     if not noises:
@@ -77,7 +111,7 @@ def add_noise(clean: torch.Tensor, noises: Sequence[torch.Tensor], snr_db: tuple
     snr = _uniform(snr_db[0], snr_db[1], batch, generator).to(clean.dtype)
     if lengths is not None:
         lengths = (lengths * length).round().long()  # relative lengths (SpeechBrain) -> samples
-    return AF.add_noise(clean, noise.to(clean.device), snr.to(clean.device), lengths=lengths)
+    return mix_at_snr(clean, noise.to(clean.device), snr.to(clean.device), lengths=lengths)
 
 
 def reverberate(clean: torch.Tensor, rirs: Sequence[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
@@ -93,16 +127,17 @@ def reverberate(clean: torch.Tensor, rirs: Sequence[torch.Tensor], generator: to
         rir = rirs[int(pick)].to(wav.dtype)
         rir = rir / rir.abs().max().clamp_min(1e-12)
         direct = int(rir.abs().argmax())
-        out.append(AF.fftconvolve(wav, rir.to(wav.device))[direct:direct + wav.shape[-1]])
+        out.append(fftconvolve(wav, rir.to(wav.device))[direct:direct + wav.shape[-1]])
     return torch.stack(out)
 
 
 def speed_perturb(clean: torch.Tensor, sample_rate: int, factors: Sequence[float],
                   generator: torch.Generator) -> torch.Tensor:
     """Change the speed of the whole ``[batch, time]`` batch by a factor chosen from ``factors``
-    (torchaudio.functional.speed); the result is cropped or zero-padded to the input length."""
+    (played ``factor`` times faster: resampled from ``factor * sample_rate`` to ``sample_rate``); the
+    result is cropped or zero-padded to the input length."""
     factor = factors[int(torch.randint(0, len(factors), (1,), generator=generator))]
-    changed, _ = AF.speed(clean, sample_rate, float(factor))
+    changed = resample(clean, int(round(float(factor) * sample_rate)), sample_rate)
     length = clean.shape[-1]
     if changed.shape[-1] >= length:
         return changed[..., :length]

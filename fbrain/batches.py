@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 
+from fbrain.torch_compat import flatten_one_level, register_pytree_node
 from fbrain.tree import tree_leaves, tree_map
 
 
@@ -45,8 +45,8 @@ class MicroBatches:
         return f"MicroBatches({len(self.batches)} batches)"
 
 
-pytree.register_pytree_node(MicroBatches, lambda m: (m.batches, None), lambda children, _: MicroBatches(children),
-                            serialized_type_name="fbrain.MicroBatches")
+register_pytree_node(MicroBatches, lambda m: (m.batches, None), lambda children, _: MicroBatches(children),
+                     "fbrain.MicroBatches")
 
 
 def micro_batches(batch: Any, count: int) -> list[Any]:
@@ -85,12 +85,12 @@ def structure(batch: Any) -> Any:
     """
     if isinstance(batch, torch.Tensor):
         return "tensor"
-    node = pytree._get_node_type(batch)
-    if node not in pytree.SUPPORTED_NODES:
+    node = flatten_one_level(batch)
+    if node is None:
         return None
-    children, _ = pytree.SUPPORTED_NODES[node].flatten_fn(batch)
+    kind, children = node
     inner = tuple(structure(c) for c in children)
     if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields") and all(s is None for s in inner):
         return None
     keys = tuple(batch) if isinstance(batch, dict) else None
-    return (node.__qualname__, keys, inner)
+    return (kind, keys, inner)

@@ -22,11 +22,12 @@ from __future__ import annotations
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
-import torch.utils._pytree as pytree
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data._utils.collate import default_collate, default_convert
 
 from fbrain import distributed as _distributed
+from fbrain.torch_compat import register_pytree_node
+from fbrain.tree import tree_map
 
 
 class PaddedData(NamedTuple):
@@ -128,7 +129,7 @@ class PaddedBatch:
 
     def _map_device_fields(self, fn) -> "PaddedBatch":
         for key in self._device_keys:
-            setattr(self, key, pytree.tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x,
+            setattr(self, key, tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x,
                                                getattr(self, key)))
         return self
 
@@ -157,8 +158,7 @@ def _unflatten(values, context) -> PaddedBatch:
 
 
 # A pytree node, so steps, stack_micro_batches and tree_map see the tensors inside a batch.
-pytree.register_pytree_node(PaddedBatch, _flatten, _unflatten,
-                            serialized_type_name="fbrain.data.PaddedBatch")
+register_pytree_node(PaddedBatch, _flatten, _unflatten, "fbrain.data.PaddedBatch")
 
 
 def wants_padded_batch(dataset: Any) -> bool:

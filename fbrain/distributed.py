@@ -19,7 +19,9 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
+
+from fbrain.devices import resolve_device, use_device
+from fbrain.torch_compat import funcol
 
 
 def world_size(group) -> int:
@@ -131,12 +133,8 @@ def ddp_init_group(run_opts: dict) -> None:
     """
     if not launched():
         return
-    device = str(run_opts.get("device", "cpu"))
-    if device.startswith("cuda"):
-        local = int(os.environ["LOCAL_RANK"])
-        run_opts["device"] = f"cuda:{local}"
-        torch.cuda.set_device(local)
-        backend = run_opts.get("distributed_backend", "nccl")
-    else:
-        backend = "gloo"  # nccl needs GPUs
+    device = resolve_device(run_opts.get("device", "cpu"))  # cuda -> cuda:LOCAL_RANK
+    run_opts["device"] = str(device)
+    use_device(device)
+    backend = run_opts.get("distributed_backend", "nccl") if device.type == "cuda" else "gloo"  # nccl needs GPUs
     init_from_environment(backend, run_opts.get("device"))

@@ -29,6 +29,7 @@ import torch
 from torch.func import grad as func_grad
 from torch.func import vmap
 
+from fbrain.torch_compat import in_functorch_transform
 from fbrain.tree import map_tensors, tree_map
 
 LossFn = Callable[..., Any]
@@ -64,7 +65,7 @@ def _objective(loss_fn, params, buffers, batch, rng, multiplier, context):
 def traced() -> bool:
     """True under torch.compile or inside a torch.func transform (vmap, grad), where gradients
     must come from ``torch.func.grad``."""
-    return torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
+    return torch.compiler.is_compiling() or in_functorch_transform()
 
 
 def loss_and_grads(

@@ -18,7 +18,8 @@ import dataclasses
 from typing import Any, Callable
 
 import torch
-import torch.utils._pytree as pytree
+
+from fbrain.torch_compat import GetAttrKey, MappingKey, SequenceKey, pytree, register_pytree_node
 
 tree_map = pytree.tree_map
 tree_leaves = pytree.tree_leaves
@@ -42,15 +43,9 @@ def register_dataclass(cls: type) -> type:
         return cls(**dict(zip(names, children)))
 
     def flatten_with_keys(obj):
-        return [(pytree.GetAttrKey(n), getattr(obj, n)) for n in names], None
+        return [(GetAttrKey(n), getattr(obj, n)) for n in names], None
 
-    pytree.register_pytree_node(
-        cls,
-        flatten,
-        unflatten,
-        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
-        flatten_with_keys_fn=flatten_with_keys,
-    )
+    register_pytree_node(cls, flatten, unflatten, f"{cls.__module__}.{cls.__qualname__}", flatten_with_keys)
     return cls
 
 
@@ -98,11 +93,11 @@ def path_str(path) -> str:
     """Render a pytree key path the way users write it: ``opt_state.mu['fc.weight']``."""
     out = ""
     for key in path:
-        if isinstance(key, pytree.GetAttrKey):
+        if isinstance(key, GetAttrKey):
             out += f".{key.name}"
-        elif isinstance(key, pytree.MappingKey):
+        elif isinstance(key, MappingKey):
             out += f"[{key.key!r}]"
-        elif isinstance(key, pytree.SequenceKey):
+        elif isinstance(key, SequenceKey):
             out += f"[{key.idx}]"
         else:
             out += str(key)

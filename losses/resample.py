@@ -21,7 +21,7 @@ import math
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)  # a pure function of two integers; bounded for arbitrary speed factors
 def octave_filter(up: int, down: int) -> torch.Tensor:
     """The anti-aliasing filter for ``up/down`` (reduced), float64 on the CPU, gain ``up``."""
     rejection_db = 60.0

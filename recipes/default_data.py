@@ -29,9 +29,8 @@ import math
 import os
 
 import torch
-import torchaudio.functional as AF
 
-from fbrain.audio import read_audio, write_audio
+from fbrain.audio import fftconvolve, read_audio, resample, write_audio
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +52,21 @@ def codec2_available() -> bool:
 def _codec2(name: str, sample_rate: int, seconds: float | None = None, offset: float = 0.0) -> torch.Tensor:
     wav, rate = read_audio(os.path.join(CODEC2_WAVS, f"{name}.wav"))
     if rate != sample_rate:
-        wav = AF.resample(wav, rate, sample_rate)
+        wav = resample(wav, rate, sample_rate)
     start = int(offset * sample_rate)
     stop = None if seconds is None else start + int(seconds * sample_rate)
     return wav[start:stop]
 
 
 def _resonator(signal: torch.Tensor, freq: float, bandwidth: float, sample_rate: int) -> torch.Tensor:
+    # The two-pole filter y[n] = (1 - r) x[n] + 2 r cos(theta) y[n-1] - r^2 y[n-2], applied as a
+    # convolution with its impulse response (1 - r) r^k sin((k + 1) theta) / sin(theta), cut where
+    # r^k < 1e-12: the same output to float64 rounding, without a loop over samples.
     r = math.exp(-math.pi * bandwidth / sample_rate)
     theta = 2 * math.pi * freq / sample_rate
-    a = torch.tensor([1.0, -2 * r * math.cos(theta), r * r])
-    b = torch.tensor([1 - r, 0.0, 0.0])
-    return AF.lfilter(signal, a, b, clamp=False)
+    k = torch.arange(int(math.log(1e-12) / math.log(r)) + 1, dtype=torch.float64)
+    response = (1 - r) * r ** k * torch.sin((k + 1) * theta) / math.sin(theta)
+    return fftconvolve(signal.to(torch.float64), response)[..., :signal.shape[-1]].to(signal.dtype)
 
 
 def synthetic_speech(f0: float, seconds: float, sample_rate: int, seed: int,

@@ -27,10 +27,9 @@ import os
 import sys
 
 import torch
-import torchaudio.functional as AF
 
 import fbrain as sb
-from fbrain.audio import add_noise, read_audio, write_audio
+from fbrain.audio import add_noise, read_audio, resample, write_audio
 from fbrain.losses import mse_loss, stoi
 from fbrain.recipes.common import Curves, TimeBudget, mean_of, setup_run
 from fbrain.recipes.default_data import make_enhancement_data, wav_files
@@ -170,7 +169,7 @@ def _load(path: str, rate: int) -> torch.Tensor:
     wav, file_rate = read_audio(path)
     if wav.ndim == 2:
         wav = wav.mean(dim=1)  # a multichannel file: its mono mix
-    return AF.resample(wav, file_rate, rate) if file_rate != rate else wav
+    return resample(wav, file_rate, rate) if file_rate != rate else wav
 
 
 def dataio_prep(hparams: dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pathlib
 
@@ -15,6 +16,29 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # Scripts that tests launch in subprocesses (torchrun, SpeechBrain references): not test modules.
 collect_ignore = ["scripts"]
+
+
+def speechbrain_installed() -> bool:
+    """Whether SpeechBrain (and the torchaudio it needs) can be imported, checked without importing
+    it here: importing SpeechBrain turns on TF32 and patches the DataLoader."""
+    return importlib.util.find_spec("speechbrain") is not None and importlib.util.find_spec("torchaudio") is not None
+
+
+NO_SPEECHBRAIN = ("SpeechBrain is not installed (the `dev` or `speechbrain` extra installs it, with the torch "
+                  "2.11 + torchaudio 2.11 pair it loads with); this test compares fbrain with it")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "speechbrain: compares with SpeechBrain; skipped when it is not installed")
+
+
+def pytest_collection_modifyitems(config, items):
+    if speechbrain_installed():
+        return
+    skip = pytest.mark.skip(reason=NO_SPEECHBRAIN)
+    for item in items:
+        if item.get_closest_marker("speechbrain") is not None:
+            item.add_marker(skip)
 
 
 def speech_samples() -> pathlib.Path | None:

@@ -20,12 +20,12 @@ import logging
 import torch
 
 from fbrain.compiling import compile_pure
+from fbrain.torch_compat import COMPILE_FAILURES
 
 logger = logging.getLogger(__name__)
 
 # What torch.compile raises when it cannot (or may no longer) compile a step. The second is not
 # a TorchDynamoException: under fullgraph, running out of recompiles is a hard error.
-COMPILE_FAILURES = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
 
 # CUDA graph modes overwrite a graph's outputs at its next replay, and the Brain keeps step outputs
 # (the running loss, losses given to hooks); the same modes without CUDA graphs are used instead.

@@ -60,6 +60,7 @@ from fbrain.brain.stage import Stage
 from fbrain.brain.train_loss import TrainLoss
 from fbrain.brain.views import OptimizerView, ScalerView
 from fbrain.checkpoint.recoverables import mark_as_loader, mark_as_preparer, mark_as_saver
+from fbrain.devices import resolve_device, use_device
 from fbrain.loss_scale import DynamicLossScale
 from fbrain.optim.base import GradientTransformation
 from fbrain.state import TrainState
@@ -106,10 +107,9 @@ class Brain:
             placement = {"device": str(self.device), "distributed_backend": self.distributed_backend}
             _distributed.ddp_init_group(placement)
             self.device = placement["device"]
-        self.device = str(self.device)
-        self.device_type = self.device.split(":")[0]
-        if self.device_type == "cuda":
-            torch.cuda.set_device(torch.device(self.device))
+        device = resolve_device(self.device)  # "cuda" -> the current one (cuda:LOCAL_RANK under torchrun)
+        use_device(device)
+        self.device, self.device_type = str(device), device.type
         if opt_class is not None and not isinstance(opt_class, GradientTransformation):
             optim.from_torch(opt_class)  # fails now, naming opt_class, rather than when fit starts
         self.opt_class = opt_class

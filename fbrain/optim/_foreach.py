@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from fbrain.optim.hyperparams import scalar
+from fbrain.torch_compat import is_batched
 
-_is_batched = torch._C._functorch.is_batchedtensor
+_is_batched = is_batched
 
 
 def any_batched(*args) -> bool:

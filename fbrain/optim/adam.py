@@ -22,6 +22,7 @@ from fbrain.optim import _foreach as fe
 from fbrain.optim import _fused
 from fbrain.optim._foreach import decayed_gradients, ordered
 from fbrain.optim.base import GradientTransformation, apply_with_update
+from fbrain.torch_compat import fused_kernel
 
 
 class AdamState(NamedTuple):
@@ -111,15 +112,15 @@ def adam(
 
     def fused(grads, state, params, skip, in_place):
         """ATen's fused CPU Adam (see :mod:`fbrain.optim._fused`); None where it does not serve."""
+        kernel = fused_kernel("_fused_adamw_" if decoupled_weight_decay else "_fused_adam_")
         names, g = ordered(grads)
         h = hp.current(state.hyperparams, schedules, state.count)
         f = _fused.host_numbers(g, h, ["beta1", "beta2", "eps"] + (["weight_decay"] if has_decay else []))
-        if f is None:
+        if f is None or kernel is None:
             return None
         new_p, mu, nu = (_fused.working_copies(t, names, in_place) for t in (params, state.mu, state.nu))
         nu_max = _fused.working_copies(state.nu_max, names, in_place) if amsgrad else []
         count = state.count + 1
-        kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
         kernel(new_p, list(g), mu, nu, nu_max, [count.to(g[0].dtype)] * len(g),
                lr=h["lr"].to(g[0].dtype), beta1=f["beta1"], beta2=f["beta2"],
                weight_decay=f.get("weight_decay", 0.0), eps=f["eps"],

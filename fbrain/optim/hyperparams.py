@@ -40,9 +40,9 @@ import math
 from typing import Any, Callable, Union
 
 import torch
-import torch.utils._pytree as pytree
 
 from fbrain.tree import device_of
+from fbrain.torch_compat import register_pytree_node
 
 Schedule = Callable[[torch.Tensor], torch.Tensor]
 Hyperparam = Union[float, Schedule]
@@ -69,8 +69,7 @@ class Static:
         return float(self.value)
 
 
-pytree.register_pytree_node(Static, lambda s: ([], s.value), lambda _, value: Static(value),
-                            serialized_type_name="fbrain.optim.Static")
+register_pytree_node(Static, lambda s: ([], s.value), lambda _, value: Static(value), "fbrain.optim.Static")
 
 
 def _dtype_for(device: torch.device) -> torch.dtype:

@@ -22,6 +22,7 @@ from fbrain.optim import _foreach as fe
 from fbrain.optim import _fused
 from fbrain.optim._foreach import decayed_gradients, ordered
 from fbrain.optim.base import GradientTransformation, apply_with_update
+from fbrain.torch_compat import fused_kernel
 
 
 class SGDState(NamedTuple):
@@ -84,17 +85,18 @@ def sgd(
 
     def fused(grads, state, params, skip, in_place):
         """ATen's fused CPU SGD (see :mod:`fbrain.optim._fused`); None where it does not serve."""
+        kernel = fused_kernel("_fused_sgd_")
         names, g = ordered(grads)
         h = hp.current(state.hyperparams, schedules, state.count)
         f = _fused.host_numbers(g, h, (["weight_decay"] if has_decay else [])
                                 + (["momentum", "dampening"] if has_momentum else []))
-        if f is None or f.get("dampening", 0.0) != 0.0:
+        if f is None or kernel is None or f.get("dampening", 0.0) != 0.0:
             # With dampening torch's first step differs from the later ones (the buffer starts as
             # the plain gradient); telling them apart would read the count: the general path does.
             return None
         new_p = _fused.working_copies(params, names, in_place)
         buffers = _fused.working_copies(state.momentum_buffer, names, in_place) if has_momentum else []
-        torch._fused_sgd_(
+        kernel(
             new_p, list(g), buffers,
             weight_decay=f.get("weight_decay", 0.0), momentum=f.get("momentum", 0.0),
             lr=h["lr"].to(g[0].dtype), dampening=0.0, nesterov=nesterov, maximize=maximize,

@@ -1,0 +1,86 @@
+"""Which device a run uses: ``cpu``, ``cuda`` (the current one), ``cuda:N``, ``mps`` ...
+
+SpeechBrain users write ``cuda`` or ``cuda:0``. ``cuda`` means the current CUDA device; under torchrun
+every rank gets its own, ``cuda:LOCAL_RANK``, whatever index was written (SpeechBrain's rule). A
+device this torch cannot use is an error that says what to do, raised when the Brain is built
+rather than deep inside the first step.
+
+Example::
+
+    >>> from fbrain.devices import resolve_device
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    >>> resolve_device(None)
+    device(type='cpu')
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class DeviceError(ValueError):
+    """A device that does not exist or that this torch cannot use."""
+
+
+def _local_rank() -> int | None:
+    """torchrun's LOCAL_RANK, when this process was started by torchrun."""
+    value = os.environ.get("LOCAL_RANK")
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+def _parse(spec) -> torch.device:
+    if isinstance(spec, torch.device):
+        return spec
+    if not isinstance(spec, str):
+        raise DeviceError(f"device: expected a string such as 'cpu', 'cuda' or 'cuda:0', got {spec!r}")
+    try:
+        return torch.device(spec.strip())
+    except RuntimeError as err:
+        raise DeviceError(f"device: {spec!r} is not a device name ({err}); use 'cpu', 'cuda', 'cuda:N' "
+                          "or 'mps'") from None
+
+
+def _cuda(device: torch.device) -> torch.device:
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device {str(device)!r}: CUDA is not available (torch {torch.__version__}); use "
+                          "device='cpu', or install a CUDA build of torch on a machine with a GPU")
+    count = torch.cuda.device_count()
+    local = _local_rank()
+    if local is not None and os.environ.get("WORLD_SIZE") is not None:
+        index = local  # one device per rank
+    elif device.index is None:
+        index = torch.cuda.current_device()
+    else:
+        index = device.index
+    if not 0 <= index < count:
+        raise DeviceError(f"device 'cuda:{index}': this machine has {count} CUDA device(s), "
+                          f"cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """The device ``spec`` names, made concrete (``cuda`` gets its index); None means the CPU."""
+    device = _parse("cpu" if spec is None else spec)
+    if device.type == "cuda":
+        return _cuda(device)
+    if device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise DeviceError(f"device {str(device)!r}: MPS is not available (it needs an Apple-silicon Mac "
+                              "and a torch built with MPS); use device='cpu'")
+        return device
+    if device.type not in ("cpu", "meta"):
+        backend = getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is not None and not available():
+            raise DeviceError(f"device {str(device)!r}: not available in this torch ({torch.__version__}); "
+                              "use device='cpu'")
+    return device
+
+
+def use_device(device: torch.device) -> None:
+    """Make ``device`` the current one of its kind (CUDA needs this for its kernels and NCCL)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
