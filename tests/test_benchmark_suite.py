@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks.systems import SYSTEMS
 from benchmarks.workloads import QUICK
 from conftest import REPO
@@ -20,6 +22,7 @@ from conftest import REPO
 UNSUPPORTED = {("enhance-blstm", "fbrain-step-compiled"): "LSTM"}
 
 
+@pytest.mark.speechbrain
 def test_tiny_suite_has_every_system_and_workload_and_they_agree(tmp_path):
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--out", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=900)

@@ -417,6 +417,7 @@ def scheduler_runs(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.speechbrain
 @pytest.mark.parametrize("kind", ["manual", "newbob", "plateau", "noam"])
 def test_speechbrain_schedulers_drive_the_state_lr(kind, scheduler_runs):
     ours, ref = scheduler_runs[kind]["fbrain"], scheduler_runs[kind]["torch"]

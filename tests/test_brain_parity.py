@@ -11,6 +11,8 @@ import textwrap
 import pytest
 import torch
 
+pytestmark = pytest.mark.speechbrain  # every test here runs SpeechBrain
+
 # The experiment, as source: executed here with `sb = fbrain` and in the subprocess with `sb = speechbrain`.
 CASE = textwrap.dedent('''
     import torch

@@ -27,6 +27,7 @@ REFERENCE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.speechbrain
 def test_features_and_resynthesis_match_speechbrain(samples, tmp_path):
     wav_path = samples / "single-mic" / "example1.wav"
     done = subprocess.run([sys.executable, "-c", REFERENCE, str(wav_path), str(tmp_path / "ref.pt")],

@@ -18,7 +18,7 @@ import soundfile as sf
 import torch
 from torch.func import grad, vmap
 
-from conftest import bitwise_equal, speech_samples
+from conftest import NO_SPEECHBRAIN, bitwise_equal, speech_samples, speechbrain_installed
 from fbrain.losses import (get_si_snr_with_pitwrapper, l1_loss, mse_loss, pairwise_neg_si_snr, pit,
                            reorder_sources, si_snr, si_snr_improvement, stoi)
 
@@ -115,8 +115,8 @@ def _lengths(dtype):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Inputs built from the real speech, and SpeechBrain's results on them."""
+def inputs():
+    """Inputs built from the real speech (the same for fbrain and the references)."""
     folder = speech_samples()
     if folder is None:
         pytest.skip("real speech samples not found: set FBRAIN_SAMPLES or put shared/ beside the repository")
@@ -133,11 +133,19 @@ def reference(tmp_path_factory):
         data[f"pred_{name}"], data[f"tgt_{name}"] = noisy.to(dtype), clean.to(dtype)
         data[f"length_{name}"] = _lengths(dtype)
         data[f"long_pred_{name}"] = torch.cat([noisy, noisy[:, :2]], dim=1).to(dtype)
+    return data
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory):
+    """The inputs, and SpeechBrain's results on them (run in a subprocess)."""
+    if not speechbrain_installed():
+        pytest.skip(NO_SPEECHBRAIN)
     tmp = tmp_path_factory.mktemp("speechbrain")
-    torch.save(data, tmp / "in.pt")
+    torch.save(inputs, tmp / "in.pt")
     subprocess.run([sys.executable, "-c", SPEECHBRAIN_SCRIPT, str(tmp / "in.pt"), str(tmp / "out.pt")],
                    check=True)
-    return data, torch.load(tmp / "out.pt")
+    return inputs, torch.load(tmp / "out.pt")
 
 
 def _name(dtype):
@@ -181,10 +189,10 @@ def test_pitwrapper_perfect_estimate_matches_speechbrain_doc_example(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_sources", [2, 3])
-def test_pit_matches_torchmetrics_and_finds_the_permutation(reference, dtype, num_sources):
+def test_pit_matches_torchmetrics_and_finds_the_permutation(inputs, dtype, num_sources):
     from torchmetrics.functional.audio import (permutation_invariant_training,
                                                scale_invariant_signal_noise_ratio)
-    data, _ = reference
+    data = inputs
     d = _name(dtype)
     target, estimate = data[f"target{num_sources}_{d}"], data[f"estimate{num_sources}_{d}"]
     loss, perm = pit(pairwise_neg_si_snr, estimate, target)
@@ -361,8 +369,8 @@ def test_stoi_gradient_matches_finite_differences(samples):
 
 # ---------------------------------------------------------------- torch.func, purity -------------
 
-def test_gradients_flow_under_torch_func(reference):
-    data, _ = reference
+def test_gradients_flow_under_torch_func(inputs):
+    data = inputs
     target, estimate = data["target3_float64"][:, :, :8000], data["estimate3_float64"][:, :, :8000]
     for fn in (lambda e: pit(pairwise_neg_si_snr, e, target)[0].mean(),
                lambda e: get_si_snr_with_pitwrapper(target.transpose(1, 2), e.transpose(1, 2)).mean(),
@@ -376,8 +384,8 @@ def test_gradients_flow_under_torch_func(reference):
     torch.testing.assert_close(grad(lambda e: pit(pairwise_neg_si_snr, e, target)[0].mean())(estimate), fixed)
 
 
-def test_vmap_per_example(reference):
-    data, _ = reference
+def test_vmap_per_example(inputs):
+    data = inputs
     target, estimate = data["target3_float32"][:, :, :8000], data["estimate3_float32"][:, :, :8000]
 
     def example_loss(e, t):  # one example, no batch axis
@@ -403,8 +411,8 @@ def test_vmap_per_example(reference):
     torch.testing.assert_close(per, mse_loss(pred, tgt, length=length, reduction="batch"))
 
 
-def test_inputs_are_not_modified(reference):
-    data, _ = reference
+def test_inputs_are_not_modified(inputs):
+    data = inputs
     target, estimate = data["target2_float32"], data["estimate2_float32"]
     source_btc, estimate_btc = target.transpose(1, 2), estimate.transpose(1, 2)
     pred, tgt, length = data["pred_float32"], data["tgt_float32"], data["length_float32"]

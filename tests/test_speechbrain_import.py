@@ -93,6 +93,7 @@ def sb_adam(tmp_path_factory):
     return tmp, run_speechbrain(tmp, "adam")
 
 
+@pytest.mark.speechbrain
 def test_import_into_a_brain_gives_speechbrains_exact_state(sb_adam, tmp_path):
     sb_dir, _ = sb_adam
     folder = sb_checkpoint(sb_dir)
@@ -122,6 +123,7 @@ def test_import_into_a_brain_gives_speechbrains_exact_state(sb_adam, tmp_path):
     assert int(state.counters.epoch) == 1 and counter.current == 1
 
 
+@pytest.mark.speechbrain
 def test_fbrain_continues_a_speechbrain_run_as_speechbrain_does(sb_adam, tmp_path):
     sb_dir, theirs = sb_adam
     ns = fbrain_case()
@@ -146,6 +148,7 @@ def test_fbrain_continues_a_speechbrain_run_as_speechbrain_does(sb_adam, tmp_pat
     assert int(brain.state.opt_state["opt_class"].count) == 2 * EPOCH_BATCHES
 
 
+@pytest.mark.speechbrain
 def test_import_into_a_train_state_and_sgd_momentum(tmp_path):
     run_speechbrain(tmp_path, "sgd")
     folder = sb_checkpoint(tmp_path)
@@ -214,6 +217,7 @@ SB_RECOVERABLES = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.speechbrain
 def test_speechbrain_recoverables_work_in_fbrains_checkpointer(tmp_path):
     done = subprocess.run([sys.executable, "-c", SB_RECOVERABLES, str(tmp_path)], capture_output=True, text=True,
                           timeout=300)
