@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -384,7 +387,21 @@ def test_metric_stats_and_train_logger(tmp_path):
     logger = fbrain.FileTrainLogger(str(tmp_path / "log" / "train_log.txt"))
     logger.log_stats({"epoch": 2}, train_stats={"loss": 0.5}, valid_stats={"loss": 0.25, "error": 3})
     assert (tmp_path / "log" / "train_log.txt").read_text() == \
-        "epoch: 2 - train loss: 0.50 - valid loss: 0.25, valid error: 3\n"
+        "epoch: 2 - train loss: 5.00e-01 - valid loss: 2.50e-01, valid error: 3\n"
+
+
+TRAIN_LOG_STATS = ({"epoch": 3, "lr": 1e-3}, {"loss": 0.1233, "si-snr": -12.5}, {"loss": 0.1208, "error": 7, "big": 1234.5})
+
+
+@pytest.mark.speechbrain
+def test_train_log_lines_are_speechbrains(tmp_path):
+    # fbrain 0.2 wrote 0.12 for both 0.1233 and 0.1208 (SpeechBrain: 1.23e-01 and 1.21e-01).
+    script = (f"from speechbrain.utils.train_logger import FileTrainLogger\n"
+              f"FileTrainLogger({str(tmp_path / 'sb.txt')!r}).log_stats(*{TRAIN_LOG_STATS!r})\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=600)
+    fbrain.FileTrainLogger(str(tmp_path / "fbrain.txt")).log_stats(*TRAIN_LOG_STATS)
+    assert (tmp_path / "fbrain.txt").read_text() == (tmp_path / "sb.txt").read_text()
+    assert "1.23e-01" in (tmp_path / "fbrain.txt").read_text()
 
 
 def test_create_experiment_directory(tmp_path, monkeypatch):
@@ -400,6 +417,38 @@ def test_create_experiment_directory(tmp_path, monkeypatch):
     fbrain.create_experiment_directory(str(out), hyperparams_to_save=str(hp))
     assert {"hyperparams.yaml", "log.txt", "env.log", "test_brain.py"} <= set(p.name for p in out.iterdir())
     assert "folder: 0.1" in (out / "hyperparams.yaml").read_text()
+
+
+EXPERIMENT_SCRIPT = """
+import logging, sys
+import fbrain
+fbrain.create_experiment_directory(sys.argv[1])
+logging.getLogger("recipe").warning("a warning the user must see")
+logging.getLogger("recipe").info("an info line")
+logging.getLogger("recipe").debug("a debug line")
+"""
+
+
+def test_the_experiment_logs_to_the_console_and_records_its_environment(tmp_path):
+    # fbrain 0.2: after create_experiment_directory nothing reached the terminal (warnings went to
+    # log.txt only), and env.log had neither the packages nor the git revision.
+    repo = tmp_path / "recipe"
+    repo.mkdir()
+    (repo / "train.py").write_text(EXPERIMENT_SCRIPT)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    for args in (["init", "-q"], ["add", "train.py"], ["commit", "-qm", "recipe"]):
+        subprocess.run(git + args, check=True, timeout=120)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    out = tmp_path / "exp"
+    done = subprocess.run([sys.executable, str(repo / "train.py"), str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "a warning the user must see" in done.stderr and "an info line" in done.stderr
+    assert "a debug line" not in done.stderr
+    assert "a warning the user must see" in (out / "log.txt").read_text()
+    env = (out / "env.log").read_text()
+    assert f"Git revision: {head}\n" in env
+    assert f"torch=={importlib.metadata.version('torch')}\n" in env and "Installed packages:" in env
 
 
 def test_padded_batch_interface():

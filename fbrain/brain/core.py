@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from types import SimpleNamespace
 from typing import Mapping
@@ -52,8 +53,9 @@ from fbrain.brain.default_steps import DefaultSteps
 from fbrain.brain.grad_sync import GradientSync
 from fbrain.brain.imperative import ImperativeUpdates
 from fbrain.brain.module_compile import compile_modules
-from fbrain.brain.optimizers import OptimizerLayout, layout_of
+from fbrain.brain.optimizers import OptimizerLayout, layout_of, vector_weight_decay_groups
 from fbrain.brain.preemption import Preemption
+from fbrain.brain.profiling import TrainingProfiler
 from fbrain.brain.run_options import resolve_run_options
 from fbrain.brain.running_mean import RunningMean
 from fbrain.brain.stage import Stage
@@ -148,6 +150,7 @@ class Brain:
         self._intra_epoch = IntraEpochSchedule(self.ckpt_interval_steps, self.ckpt_interval_minutes)
         self._intra_epoch_due = False
         self._preemption = Preemption()
+        self._profiler: TrainingProfiler | None = None  # profile_training, while fit runs
         if checkpointer is not None and hasattr(checkpointer, "add_recoverable") and \
                 "brain" not in getattr(checkpointer, "recoverables", {}):
             checkpointer.add_recoverable("brain", self)
@@ -271,6 +274,8 @@ class Brain:
             return
         if isinstance(self.opt_class, GradientTransformation):
             self.optimizer = self.opt_class
+        elif self.remove_vector_weight_decay:
+            self.optimizer = self.opt_class(vector_weight_decay_groups(self.modules))
         else:
             self.optimizer = self.opt_class(self.modules.parameters())
         self.optimizers_dict = {"opt_class": self.optimizer}
@@ -283,7 +288,7 @@ class Brain:
     def _adopt_optimizers(self) -> None:
         """Turn the optimizers ``init_optimizers`` made into one layout and views over the state."""
         old = self._optimizer_objects()
-        layout, specs = layout_of(old, self.modules)
+        layout, specs = layout_of(old, self.modules, self.ema_decay)
         self._install_layout(layout)
         for key, spec in specs.items():
             view = OptimizerView(self._imperative, spec)
@@ -500,6 +505,11 @@ class Brain:
         self.ensure_state()
         enable = (not self.noprogressbar) if progressbar is None else bool(progressbar)
         enable = enable and _distributed.is_main_process()  # one progress bar per run, not per rank
+        self._profiler = None
+        if self.profile_training:
+            folder = getattr(getattr(self, "hparams", None), "output_folder", None) or os.getcwd()
+            self._profiler = TrainingProfiler(self.profile_warmup, self.profile_steps, folder)
+            self._profiler.start()
         with self._preemption.watching():
             for epoch in epoch_counter:
                 self._fit_train(train_set, epoch, enable)
@@ -549,6 +559,8 @@ class Brain:
                     self.step += 1
                     self._train_loss.add(self.fit_batch(batch))
                     self._after_train_batch()
+                    if self._profiler is not None and self._profiler.step():
+                        raise SystemExit(0)  # SpeechBrain's behaviour: a profiling run ends here
                     if self._preemption.poll() and not self._pending:
                         self._stop_for_signal()
                     if time.monotonic() - last_report >= _REPORT_SECONDS:

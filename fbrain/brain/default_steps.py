@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from fbrain import distributed as _distributed
+from fbrain import optim
 from fbrain.batches import MicroBatches
 from fbrain.brain.compiled_steps import StepCompiler
 from fbrain.brain.stage import Stage
@@ -95,6 +96,9 @@ class DefaultSteps:
         if self._eval is None:
             self._eval = make_eval_step(self.eval_loss_fn, precision=brain.eval_precision)
         self._eval_stage = stage
+        state = brain.state
+        if brain.eval_with_ema:  # the averaged weights in place of the trained ones
+            state = state.replace(params={**state.params, **optim.ema_params(state.opt_state)})
         if brain.compile_steps:
-            return self._compiler("eval")(self._eval, brain.state, batch)["loss"].detach()
-        return self._eval(brain.state, batch)["loss"].detach()
+            return self._compiler("eval")(self._eval, state, batch)["loss"].detach()
+        return self._eval(state, batch)["loss"].detach()

@@ -88,10 +88,18 @@ def twin_of_group(optimizer: torch.optim.Optimizer, group: dict) -> GradientTran
     return optim.twin_of(probe)
 
 
-def layout_of(optimizers: dict, modules: torch.nn.Module) -> tuple[OptimizerLayout, dict]:
+def layout_of(optimizers: dict, modules: torch.nn.Module,
+              ema_decay: float | None = None) -> tuple[OptimizerLayout, dict]:
     """The layout of the optimizers ``init_optimizers`` made (``{key: torch optimizer or
     transformation}``), and for each key the groups its view shows: ``[(label, [(name, param)],
-    extras)]``."""
+    extras)]``. With ``ema_decay``, every group keeps an average of its weights (``optim.with_ema``)."""
+    layout, specs = _layout_of(optimizers, modules)
+    if ema_decay is not None:
+        layout.groups = {label: (optim.with_ema(tx, ema_decay), names) for label, (tx, names) in layout.groups.items()}
+    return layout, specs
+
+
+def _layout_of(optimizers: dict, modules: torch.nn.Module) -> tuple[OptimizerLayout, dict]:
     names = {id(p): n for n, p in modules.named_parameters()}
     groups, specs = {}, {}
     for key, opt in optimizers.items():
@@ -119,3 +127,12 @@ def layout_of(optimizers: dict, modules: torch.nn.Module) -> tuple[OptimizerLayo
             groups[label] = (twin_of_group(opt, group), [n for n, p in named if p.requires_grad])
             specs[key].append((label, named, {k: v for k, v in group.items() if k != "params"}))
     return OptimizerLayout(groups, [n for n, _ in modules.named_parameters()]), specs
+
+
+def vector_weight_decay_groups(modules: torch.nn.Module) -> list[dict]:
+    """The trainable parameters of ``modules`` as two torch parameter groups: vectors (biases,
+    norms' weights) with ``weight_decay`` 0, then the others (SpeechBrain's
+    ``remove_vector_weight_decay``, in its order)."""
+    trainable = [p for p in modules.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if p.ndim == 1], "weight_decay": 0.0},
+            {"params": [p for p in trainable if p.ndim != 1]}]

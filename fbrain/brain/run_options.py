@@ -36,6 +36,16 @@ DEFAULTS: dict[str, Any] = {
     "compile_using_fullgraph": False,
     # fbrain's own: compile the default fit_batch's and evaluate_batch's whole pure steps.
     "compile_steps": False,
+    # fbrain's own: an exponential moving average of the weights (optim.with_ema around every
+    # optimizer), and evaluation with the averaged weights.
+    "ema_decay": None,
+    "eval_with_ema": False,
+    # SpeechBrain 1.1's: profile the first steps, then stop; vectors (biases, norms) in a parameter
+    # group without weight decay.
+    "profile_training": False,
+    "profile_warmup": 5,
+    "profile_steps": 5,
+    "remove_vector_weight_decay": False,
     "distributed_backend": "nccl",
     "find_unused_parameters": False,
     "tqdm_colored_bar": False,
@@ -77,6 +87,13 @@ HELP = {
     "compile_mode": "torch.compile mode",
     "compile_using_fullgraph": "torch.compile with fullgraph=True",
     "compile_steps": "torch.compile the whole train and eval steps (forward, backward, clipping, update)",
+    "ema_decay": "keep an exponential moving average of the weights with this decay (e.g. 0.999)",
+    "eval_with_ema": "evaluate (valid and test) with the averaged weights of ema_decay",
+    "profile_training": "profile the first profile_warmup + profile_steps training steps with torch.profiler, "
+                        "write the trace into <output_folder>/profiler_logs, then stop",
+    "profile_warmup": "steps the profiler warms up before it records",
+    "profile_steps": "steps the profiler records",
+    "remove_vector_weight_decay": "put vectors (biases, norms) in a parameter group without weight decay",
     "distributed_backend": "nccl, gloo or mpi",
     "find_unused_parameters": "DDP's find_unused_parameters",
     "tqdm_colored_bar": "colour the progress bars",
@@ -147,6 +164,12 @@ def validate(opts: dict[str, Any]) -> None:
     limit = opts["optimizer_step_limit"]
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
         raise ValueError(f"run option optimizer_step_limit: expected an int or None, got {limit!r}")
+    ema = opts["ema_decay"]
+    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema <= 1):
+        raise ValueError(f"run option ema_decay: expected a number in [0, 1] or None, got {ema!r}")
+    if opts["eval_with_ema"] and ema is None and not opts["test_only"]:
+        raise ValueError("run option eval_with_ema: needs ema_decay (e.g. 0.999), the decay of the average "
+                         "to evaluate with")
     if opts["ckpt_interval_minutes"] > 0 and opts["ckpt_interval_steps"] > 0:
         raise ValueError(
             "run options ckpt_interval_minutes and ckpt_interval_steps are mutually exclusive; set only one"

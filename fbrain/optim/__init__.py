@@ -24,6 +24,7 @@ from fbrain.optim.base import (
     identity,
     partition,
 )
+from fbrain.optim.ema import EmaState, ema_params, with_ema
 from fbrain.optim.clipping import clip_by_global_norm, clip_grads_by_global_norm, global_norm
 from fbrain.optim.from_torch import from_torch, twin_of
 from fbrain.optim.hyperparams import Static, get_hyperparams, set_hyperparams
@@ -31,8 +32,8 @@ from fbrain.optim.rmsprop import RMSpropState, rmsprop
 from fbrain.optim.sgd import SGDState, sgd
 
 __all__ = [
-    "AdamState", "EmptyState", "GradientTransformation", "RMSpropState", "SGDState", "Static",
+    "AdamState", "EmaState", "EmptyState", "GradientTransformation", "RMSpropState", "SGDState", "Static",
     "adam", "adamw", "apply", "apply_updates", "chain", "clip_by_global_norm", "clip_grads_by_global_norm",
-    "from_torch", "frozen", "frozen_names", "get_hyperparams", "global_norm", "identity",
-    "partition", "rmsprop", "schedules", "set_hyperparams", "sgd", "twin_of",
+    "ema_params", "from_torch", "frozen", "frozen_names", "get_hyperparams", "global_norm", "identity",
+    "partition", "rmsprop", "schedules", "set_hyperparams", "sgd", "twin_of", "with_ema",
 ]
