@@ -85,6 +85,10 @@ class SEBrain(sb.Brain):
         self.scores = []
         if stage == sb.Stage.TRAIN:
             self.train_data.set_epoch(epoch)  # this epoch's crops, noises and SNRs
+            self.step_losses = []
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        self.step_losses.append(loss.detach())  # read once, at the end of the epoch
 
     def _mean(self, key: str) -> float:
         return mean_of(self.scores, key)
@@ -92,6 +96,8 @@ class SEBrain(sb.Brain):
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TRAIN:
             self.train_loss = stage_loss
+            if self.step_losses:
+                self.curves.add_steps(epoch, torch.stack(self.step_losses).tolist())
             if self.budget.spent():
                 logger.info("train_minutes=%s reached after epoch %d: stopping", self.budget.minutes, epoch)
                 self.hparams.epoch_counter.limit = epoch
@@ -106,13 +112,19 @@ class SEBrain(sb.Brain):
                                                 valid_stats=stats)
             self.curves.add(epoch, minutes=self.budget.elapsed_minutes(), train_loss=self.train_loss,
                             valid_mse=stage_loss, valid_stoi=stats["stoi"], noisy_mse=self._mean("mse_noisy"),
-                            noisy_stoi=self._mean("stoi_noisy"))
+                            noisy_stoi=self._mean("stoi_noisy"), lr=self.optimizer.param_groups[0]["lr"])
             self.checkpointer.save_and_keep_only(meta=stats, max_keys=["stoi"])
+            self.plot()
         if stage == sb.Stage.TEST:
             stats["stoi_noisy"] = self._mean("stoi_noisy")
             self.hparams.train_logger.log_stats({"Epoch loaded": self.hparams.epoch_counter.current},
                                                 test_stats=stats)
             self.save_results(os.path.join(self.hparams.output_folder, "test_results.csv"))
+
+    def plot(self) -> None:
+        self.curves.plot(os.path.join(self.hparams.output_folder, "curves.png"),
+                         [("MSE of log spectra", ["train_loss", "valid_mse"], ["noisy_mse"]),
+                          ("STOI", ["valid_stoi"], ["noisy_stoi"])], "Spectral-masking enhancement", best="valid_stoi")
 
     def measure_untrained(self, valid_set, **loader_kwargs) -> None:
         """Validation figures of the model before any training (epoch 0 of the curves)."""
@@ -202,7 +214,7 @@ def dataio_prep(hparams: dict):
 
 
 def main(argv=None) -> dict:
-    hparams, run_opts = setup_run(CONFIG, argv, make_enhancement_data)
+    hparams, run_opts = setup_run(CONFIG, argv, make_enhancement_data, recipe="enhancement")
     train, valid, test = dataio_prep(hparams)
 
     enhancer = SEBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
@@ -217,20 +229,21 @@ def main(argv=None) -> dict:
     enhancer.fit(enhancer.hparams.epoch_counter, train, valid,
                  train_loader_kwargs={"batch_size": hparams["batch_size"], "shuffle": True},
                  valid_loader_kwargs=eval_loader)
+    epochs = enhancer.hparams.epoch_counter.current  # before evaluate loads the best checkpoint
     enhancer.evaluate(test, max_key="stoi", test_loader_kwargs=eval_loader)
-    enhancer.curves.plot(os.path.join(hparams["output_folder"], "curves.png"),
-                         [("MSE of log spectra", ["train_loss", "valid_mse", "noisy_mse"]),
-                          ("STOI", ["valid_stoi", "noisy_stoi"])], "Spectral-masking enhancement")
+    enhancer.plot()
     start = enhancer.curves.rows()[0] if enhancer.curves.rows() else {}
     _, valid_mse = enhancer.curves.series("valid_mse")
     summary = {"stoi": enhancer._mean("stoi"), "stoi_noisy": enhancer._mean("stoi_noisy"),
                "mse": enhancer._mean("mse"), "valid_mse_start": start.get("valid_mse"),
                "valid_mse_best": min(valid_mse) if valid_mse else None,
-               "epochs": enhancer.hparams.epoch_counter.current, "minutes": enhancer.budget.elapsed_minutes()}
+               "epochs": epochs, "best_epoch": enhancer.hparams.epoch_counter.current,
+               "minutes": enhancer.budget.elapsed_minutes()}
     if sb.distributed.is_main_process():
         drop = ("" if summary["valid_mse_start"] is None or summary["valid_mse_best"] is None else
                 f"valid MSE {summary['valid_mse_start']:.3f} -> {summary['valid_mse_best']:.3f}; ")
-        print(f"enhancement: {summary['epochs']} epochs in {summary['minutes']:.1f} min; {drop}test STOI "
+        print(f"enhancement: {epochs} epochs trained ({summary['minutes']:.1f} min in this run); {drop}the best "
+              f"checkpoint (epoch {summary['best_epoch']}): test STOI "
               f"{summary['stoi_noisy']:.3f} (noisy) -> {summary['stoi']:.3f} (enhanced); "
               f"outputs in {hparams['output_folder']}")
     return summary

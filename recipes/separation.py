@@ -83,6 +83,7 @@ class Separation(sb.Brain):
                         self.nonfinite_count)
             loss.data = torch.tensor(0.0).to(self.device)
         self.optimizer.zero_grad()
+        self.step_losses.append(loss.detach())
         return loss.detach()
 
     def evaluate_batch(self, batch, stage):
@@ -107,6 +108,7 @@ class Separation(sb.Brain):
         self.scores = []
         if stage == sb.Stage.TRAIN:
             self.train_data.set_epoch(epoch)  # the training crops of this epoch
+            self.step_losses = []
         if stage == sb.Stage.TEST:
             self.audio_left = self.hparams.n_audio_to_save
 
@@ -114,9 +116,13 @@ class Separation(sb.Brain):
         return mean_of(self.scores, key)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        stage_stats = {"si-snr": stage_loss}
+        # SI-SNR in dB, higher is better, everywhere (logs, curves, checkpoints, summary); the
+        # training loss is its negative.
+        stage_stats = {"si-snr": -float(stage_loss)}
         if stage == sb.Stage.TRAIN:
             self.train_stats = stage_stats
+            if self.step_losses:  # every step's loss, read once per epoch
+                self.curves.add_steps(epoch, torch.stack(self.step_losses).tolist())
             if self.budget.spent():
                 logger.info("train_minutes=%s reached after epoch %d: stopping", self.budget.minutes, epoch)
                 self.hparams.epoch_counter.limit = epoch
@@ -126,13 +132,19 @@ class Separation(sb.Brain):
             current_lr = self.optimizer.param_groups[0]["lr"]
             self.hparams.train_logger.log_stats(stats_meta={"epoch": epoch, "lr": current_lr},
                                                 train_stats=self.train_stats, valid_stats=stage_stats)
-            self.curves.add(epoch, minutes=self.budget.elapsed_minutes(), train_loss=self.train_stats["si-snr"],
-                            valid_loss=stage_loss, valid_si_snri=stage_stats["si-snri"])
-            self.checkpointer.save_and_keep_only(meta={"si-snr": stage_stats["si-snr"]}, min_keys=["si-snr"])
+            self.curves.add(epoch, minutes=self.budget.elapsed_minutes(), train_si_snr=self.train_stats["si-snr"],
+                            valid_si_snr=stage_stats["si-snr"], valid_si_snri=stage_stats["si-snri"], lr=current_lr)
+            self.checkpointer.save_and_keep_only(meta={"si-snr": stage_stats["si-snr"]}, max_keys=["si-snr"])
+            self.plot()
         elif stage == sb.Stage.TEST:
             self.hparams.train_logger.log_stats(stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
                                                 test_stats=stage_stats)
             self.save_results(os.path.join(self.hparams.output_folder, "test_results.csv"))
+
+    def plot(self) -> None:
+        self.curves.plot(os.path.join(self.hparams.output_folder, "curves.png"),
+                         [("SI-SNR (dB)", ["train_si_snr", "valid_si_snr"]), ("SI-SNRi (dB)", ["valid_si_snri"])],
+                         "Conv-TasNet separation", best="valid_si_snr")
 
     def save_results(self, path: str) -> None:
         """Per-mixture SI-SNR and SI-SNRi of the test stage, and their means, as CSV."""
@@ -233,7 +245,7 @@ def dataio_prep(hparams: dict):
 
 
 def main(argv=None) -> dict:
-    hparams, run_opts = setup_run(CONFIG, argv, make_separation_data)
+    hparams, run_opts = setup_run(CONFIG, argv, make_separation_data, recipe="separation")
     train, valid, test = dataio_prep(hparams)
     hparams["sample_rate"] = read_audio(test.rows[test.ids[0]]["mix_wav"])[1]
 
@@ -246,16 +258,15 @@ def main(argv=None) -> dict:
     separator.fit(separator.hparams.epoch_counter, train, valid,
                   train_loader_kwargs={"batch_size": hparams["batch_size"], "shuffle": True},
                   valid_loader_kwargs=loader)
-    separator.evaluate(test, min_key="si-snr", test_loader_kwargs=loader)
-    separator.curves.plot(os.path.join(hparams["output_folder"], "curves.png"),
-                          [("negative SI-SNR (dB)", ["train_loss", "valid_loss"]), ("SI-SNRi (dB)", ["valid_si_snri"])],
-                          "Conv-TasNet separation")
-    summary = {"si-snr": separator._mean("si-snr"), "si-snri": separator._mean("si-snri"),
-               "epochs": separator.hparams.epoch_counter.current, "minutes": separator.budget.elapsed_minutes()}
+    epochs = separator.hparams.epoch_counter.current  # before evaluate loads the best checkpoint
+    separator.evaluate(test, max_key="si-snr", test_loader_kwargs=loader)
+    separator.plot()
+    summary = {"si-snr": separator._mean("si-snr"), "si-snri": separator._mean("si-snri"), "epochs": epochs,
+               "best_epoch": separator.hparams.epoch_counter.current, "minutes": separator.budget.elapsed_minutes()}
     if sb.distributed.is_main_process():
-        print(f"separation: {summary['epochs']} epochs in {summary['minutes']:.1f} min; best checkpoint on the test "
-              f"mixtures: SI-SNR {summary['si-snr']:.2f} dB, SI-SNRi {summary['si-snri']:.2f} dB; "
-              f"outputs in {hparams['output_folder']}")
+        print(f"separation: {epochs} epochs trained ({summary['minutes']:.1f} min in this run); the best checkpoint "
+              f"(epoch {summary['best_epoch']}) on the test mixtures: SI-SNR {summary['si-snr']:.2f} dB, SI-SNRi "
+              f"{summary['si-snri']:.2f} dB; outputs in {hparams['output_folder']}")
     return summary
 
 

@@ -375,3 +375,21 @@ def test_a_second_writer_waits_for_the_first_or_fails_naming_it(tmp_path, timeou
         for path in c.paramfiles.values():
             checkpoint.load(path)
     assert not [e for e in os.listdir(folder) if ".incomplete-" in e]
+
+
+def test_a_resumed_fit_says_where_it_resumed(tmp_path, caplog):
+    # fbrain 0.2 resumed silently.
+    def run(epochs):
+        counter = fbrain.EpochCounter(epochs)
+        brain = RegressionBrain({"model": torch.nn.Linear(3, 1)}, lambda p: torch.optim.SGD(p, lr=0.1),
+                                run_opts={"noprogressbar": True},
+                                checkpointer=Checkpointer(tmp_path / "ckpts", {"counter": counter}))
+        data = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(3)]
+        brain.fit(counter, data, train_loader_kwargs={"batch_size": None})
+        brain.checkpointer.save_checkpoint()
+
+    run(1)
+    with caplog.at_level("INFO", logger="fbrain"):
+        run(2)
+    assert any("resumed from" in r.message and "CKPT+" in r.message and "the end of epoch 1" in r.message
+               for r in caplog.records), [r.message for r in caplog.records]

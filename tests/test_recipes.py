@@ -59,7 +59,15 @@ def test_separation_recipe_trains_writes_its_outputs_and_resumes(samples, tmp_pa
     assert rate == 16000 and estimate.shape[0] == soundfile.info(samples / "separation" / "mixture_0.wav").frames
     for name in ("train_log.txt", "log.txt", "hyperparams.yaml", "curves.png"):
         assert (out / name).is_file(), name
-    assert len(Checkpointer(out / "save").list_checkpoints()) == 1  # save_and_keep_only(min_keys=["si-snr"])
+    assert len(Checkpointer(out / "save").list_checkpoints()) == 1  # save_and_keep_only(max_keys=["si-snr"])
+    # One sign for SI-SNR everywhere (fbrain 0.2's train_log had the loss's, the summary the other).
+    logged = [float(line.split("valid si-snr: ")[1].split(",")[0]) for line in
+              (out / "train_log.txt").read_text().splitlines() if "valid si-snr: " in line]
+    assert logged == pytest.approx([row["valid_si_snr"] for row in first], rel=1e-2) and logged[-1] > 4.0
+    assert all(row["lr"] > 0 for row in first), first
+    with open(out / "curves.steps.jsonl") as f:
+        steps = [json.loads(line) for line in f]
+    assert [row["epoch"] for row in steps] == [1, 2, 3] and all(len(row["losses"]) > 1 for row in steps)
 
     # The same command with more epochs continues from the checkpoint: epoch 4 only.
     done = run_recipe("separation", "--N_epochs", "4", *common)
@@ -68,6 +76,9 @@ def test_separation_recipe_trains_writes_its_outputs_and_resumes(samples, tmp_pa
         epochs = [line.split(",")[0] for line in f if line.startswith("epoch")]
     assert epochs == ["epoch: 1", "epoch: 2", "epoch: 3", "epoch: 4"]
     assert "SI-SNRi" in done.stdout
+    # fbrain 0.2's re-run summary said "1 epochs" (the best checkpoint's epoch) for 4 epochs run.
+    assert "separation: 4 epochs trained" in done.stdout and "the best checkpoint (epoch " in done.stdout
+    assert "resumed from" in done.stderr and "the end of epoch 3" in done.stderr
 
 
 def test_separation_recipe_trains_three_epochs_in_fp16(samples, tmp_path):
@@ -81,7 +92,7 @@ def test_separation_recipe_trains_three_epochs_in_fp16(samples, tmp_path):
                "--training_signal_len", "4000", "--save_audio", "False")
     rows = curves(out)
     assert [row["epoch"] for row in rows] == [1, 2, 3]
-    assert all(math.isfinite(row["train_loss"]) for row in rows), rows
+    assert all(math.isfinite(row["train_si_snr"]) for row in rows), rows
     brain_file = Checkpointer(out / "save").list_checkpoints()[0].paramfiles["brain"]
     state = fbrain.checkpoint.load(brain_file)["state"]
     assert int(state.counters.nonfinite_count) == 0 and float(state.scaler.scale) < 2.0 ** 16
@@ -106,6 +117,52 @@ def test_enhancement_recipe_lowers_validation_mse_and_writes_enhanced_audio(samp
         assert (out / name).is_file(), name
     best = Checkpointer(out / "save").list_checkpoints()
     assert len(best) == 1 and "stoi" in best[0].meta  # save_and_keep_only(max_keys=["stoi"])
+
+
+@pytest.mark.parametrize("recipe", ["enhancement", "separation"])
+def test_recipe_help_lists_its_own_settings_with_their_defaults(recipe):
+    # fbrain 0.2's --help marked the config as required and listed none of the recipe's settings.
+    done = subprocess.run([sys.executable, "-m", f"fbrain.recipes.{recipe}", "--help"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip().startswith("--")}
+    assert "--data_folder" in lines and "null" in lines["--data_folder"]
+    assert "--N_epochs" in lines and "--lr" in lines and "--device" in lines
+    assert "required" not in done.stdout
+
+
+def test_a_missing_data_folder_is_named(tmp_path):
+    missing = tmp_path / "nowhere"
+    done = subprocess.run([sys.executable, "-m", "fbrain.recipes.separation", "--data_folder", str(missing),
+                           "--output_folder", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"--data_folder {missing}: no such folder" in done.stderr
+
+
+WITHOUT_MATPLOTLIB = """
+import importlib.abc, runpy, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("matplotlib is blocked in this test")
+sys.meta_path.insert(0, Refuse())
+import importlib.util
+importlib.util.find_spec = lambda name, *a, _real=importlib.util.find_spec: None if name == "matplotlib" else _real(name, *a)
+sys.argv = ["separation", *sys.argv[1:]]
+runpy.run_module("fbrain.recipes.separation", run_name="__main__")
+"""
+
+
+def test_without_matplotlib_a_recipe_warns_and_trains_to_the_end(samples, tmp_path):
+    # fbrain 0.2 trained to the end, then exited 1 when it came to draw the curves.
+    out = tmp_path / "sep"
+    done = subprocess.run([sys.executable, "-c", WITHOUT_MATPLOTLIB, "--data_folder", str(samples / "separation"),
+                           "--output_folder", str(out), "--train_minutes", "null", "--N_epochs", "1",
+                           "--train_repeats", "1", "--training_signal_len", "4000", "--save_audio", "False",
+                           "--noprogressbar"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "matplotlib is not installed" in done.stderr
+    assert (out / "test_results.csv").is_file() and not (out / "curves.png").exists()
 
 
 def test_recipe_names_a_data_folder_without_mixtures(tmp_path):

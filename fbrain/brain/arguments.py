@@ -37,11 +37,16 @@ def _optional_int(text: str):
     return None if text.lower() == "none" else int(text)
 
 
+def _optional_float(text: str):
+    return None if text.lower() == "none" else float(text)
+
+
 # Options whose default does not tell their type.
 _TYPES = {
     "device": str,
     "log_config": str,
     "optimizer_step_limit": _optional_int,
+    "ema_decay": _optional_float,
     "max_grad_norm": float,
     "ckpt_interval_minutes": float,
 }

@@ -363,7 +363,12 @@ class Brain:
         # init_optimizers that kept the previous ones (views already) keeps their state.
         self.ensure_state()
         if self.checkpointer is not None and hasattr(self.checkpointer, "recover_if_possible"):
-            self.checkpointer.recover_if_possible()
+            found = self.checkpointer.recover_if_possible()
+            if found is not None:
+                where = f"step {self.step} of epoch {int(self.state.counters.epoch)}" if self.step else \
+                    f"the end of epoch {int(self.state.counters.epoch)}"
+                logger.info("resumed from %s (%s, optimizer step %d)", getattr(found, "path", found), where,
+                            self.optimizer_step)
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         if self.checkpointer is not None and hasattr(self.checkpointer, "recover_if_possible"):
@@ -563,7 +568,9 @@ class Brain:
                         raise SystemExit(0)  # SpeechBrain's behaviour: a profiling run ends here
                     if self._preemption.poll() and not self._pending:
                         self._stop_for_signal()
-                    if time.monotonic() - last_report >= _REPORT_SECONDS:
+                    # The loss shows from the first step, then every 0.5 s, and at the epoch's last
+                    # step (the bar closes when its iterator ends: a report after that is not drawn).
+                    if time.monotonic() - last_report >= _REPORT_SECONDS or self.step in (1, bar.total):
                         self._report(bar, shown)
                         last_report = time.monotonic()
                     if self.debug and self.step == self.debug_batches:
