@@ -184,23 +184,46 @@ def markdown(rows: list[dict], info: dict) -> str:
     return "\n".join(out)
 
 
-def chart(rows: list[dict], path: str) -> None:
+def chart_bars(rows: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
+    """Per system, per workload: ``(median, min, max)`` time per step over torch-loop's median in
+    the same run (zeros where the system did not run), the bar and its whisker."""
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    base = {r["workload"]: r.get("us_per_step") for r in rows if r["system"] == "torch-loop"}
+    bars = {}
+    for system in [c.name for c in S.SYSTEMS]:
+        bars[system] = []
+        for w in workloads:
+            row = next((r for r in rows if r["workload"] == w and r["system"] == system), None)
+            if row is None or row.get("us_per_step") is None or not base.get(w):
+                bars[system].append((0.0, 0.0, 0.0))
+                continue
+            bars[system].append((row["us_per_step"] / base[w], row["us_min"] / base[w], row["us_max"] / base[w]))
+    return bars
+
+
+def chart(rows: list[dict], path: str, info: dict, mode: str) -> None:
+    """Bars of each system's median time per step over torch-loop's, whiskers from the fastest to
+    the slowest turn; the title says what was run, where and when."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
-    systems = [c.name for c in S.SYSTEMS]
-    fig, ax = plt.subplots(figsize=(2.2 * len(workloads) + 3, 4.5))
-    width = 0.8 / len(systems)
-    for k, system in enumerate(systems):
-        values = [next((r.get("x_torch-loop") or 0 for r in rows if r["workload"] == w and r["system"] == system), 0)
-                  for w in workloads]
-        ax.bar([i + k * width for i in range(len(workloads))], values, width, label=system)
+    bars = chart_bars(rows)
+    fig, ax = plt.subplots(figsize=(2.4 * len(workloads) + 3, 5.0))
+    width = 0.8 / len(bars)
+    for k, (system, values) in enumerate(bars.items()):
+        xs = [i + k * width for i in range(len(workloads))]
+        medians = [m for m, _, _ in values]
+        spread = [[m - lo for m, lo, _ in values], [hi - m for m, _, hi in values]]
+        ax.bar(xs, medians, width, label=system, yerr=spread, capsize=2, error_kw={"linewidth": 0.7})
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(workloads))], workloads)
-    ax.set_ylabel("time per step / torch-loop (lower is better)")
+    ax.set_ylabel("time per step / torch-loop's median (lower is better)")
+    ax.set_title(f"fbrain benchmark suite ({mode}): median of interleaved turns, whiskers min to max\n"
+                 f"{info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), torch {info['torch']}, "
+                 f"{info['device']}{', ' + info['gpu'] if 'gpu' in info else ''}; {info['date']}", fontsize=9)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -237,7 +260,7 @@ def main(argv=None) -> None:
     print(table)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"machine": info, "mode": mode, "seconds": time.perf_counter() - start, "rows": rows}, f, indent=1)
-    chart(rows, os.path.join(args.out, "chart.png"))
+    chart(rows, os.path.join(args.out, "chart.png"), info, mode)
     print(f"\nwrote {args.out}/results.json and {args.out}/chart.png in {time.perf_counter() - start:.0f} s")
 
 

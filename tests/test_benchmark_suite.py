@@ -44,3 +44,13 @@ def test_tiny_suite_has_every_system_and_workload_and_they_agree(tmp_path):
     assert os.path.getsize(tmp_path / "chart.png") > 1000
     for workload in QUICK:
         assert f"### {workload}:" in done.stdout
+
+
+def test_the_chart_shows_each_systems_median_and_spread_against_torch_loop_of_the_same_run():
+    from benchmarks.suite import chart_bars
+    rows = [{"workload": "mlp", "system": "torch-loop", "us_per_step": 100.0, "us_min": 90.0, "us_max": 150.0},
+            {"workload": "mlp", "system": "speechbrain", "us_per_step": 200.0, "us_min": 180.0, "us_max": 400.0},
+            {"workload": "mlp", "system": SYSTEMS[-1].name, "us_per_step": None, "error": "unsupported"}]
+    bars = chart_bars(rows)
+    assert bars["torch-loop"] == [(1.0, 0.9, 1.5)] and bars["speechbrain"] == [(2.0, 1.8, 4.0)]
+    assert bars[SYSTEMS[-1].name] == [(0.0, 0.0, 0.0)]  # did not run: no bar
