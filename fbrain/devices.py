@@ -25,10 +25,9 @@ class DeviceError(ValueError):
     """A device that does not exist or that this torch cannot use."""
 
 
-def _local_rank() -> int | None:
-    """torchrun's LOCAL_RANK, when this process was started by torchrun."""
-    value = os.environ.get("LOCAL_RANK")
-    return int(value) if value is not None and value.strip().isdigit() else None
+def launched_by_torchrun() -> bool:
+    """True in a process started by torchrun (its RANK/LOCAL_RANK/WORLD_SIZE environment)."""
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
 
 def _parse(spec) -> torch.device:
@@ -48,13 +47,13 @@ def _cuda(device: torch.device) -> torch.device:
         raise DeviceError(f"device {str(device)!r}: CUDA is not available (torch {torch.__version__}); use "
                           "device='cpu', or install a CUDA build of torch on a machine with a GPU")
     count = torch.cuda.device_count()
-    local = _local_rank()
-    if local is not None and os.environ.get("WORLD_SIZE") is not None:
-        index = local  # one device per rank
-    elif device.index is None:
-        index = torch.cuda.current_device()
+    if launched_by_torchrun():
+        index = int(os.environ["LOCAL_RANK"])  # one device per rank
+        if not 0 <= index < count:
+            raise DeviceError(f"torchrun's LOCAL_RANK={index}, but this process sees {count} CUDA device(s): start "
+                              "at most that many processes per node (--nproc_per_node), or check CUDA_VISIBLE_DEVICES")
     else:
-        index = device.index
+        index = torch.cuda.current_device() if device.index is None else device.index
     if not 0 <= index < count:
         raise DeviceError(f"device 'cuda:{index}': this machine has {count} CUDA device(s), "
                           f"cuda:0 to cuda:{count - 1}")

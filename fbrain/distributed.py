@@ -20,7 +20,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from fbrain.devices import resolve_device, use_device
+from fbrain.devices import launched_by_torchrun, resolve_device, use_device
 from fbrain.torch_compat import funcol
 
 
@@ -57,7 +57,7 @@ def scalar_mean(value):
 
 def launched() -> bool:
     """True in a process started by torchrun (its RANK/LOCAL_RANK/WORLD_SIZE environment)."""
-    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    return launched_by_torchrun()
 
 
 def active() -> bool:

@@ -127,8 +127,9 @@ class TensorboardLogger:
 
 
 class WandBLogger:
-    """Statistics into Weights & Biases with SpeechBrain's ``log_stats`` interface: one W&B step per
-    call, keys ``<set>/<stat>`` (a per-batch list logs its last value). ``init_kwargs`` go to
+    """Statistics into Weights & Biases with SpeechBrain's ``log_stats`` interface: keys
+    ``<set>/<stat>`` (a per-batch list logs its last value), at the step of the statistics' epoch
+    (so a resumed run continues its curves), or one step per call without one. ``init_kwargs`` go to
     ``wandb.init`` (``project``, ``name``, ``config`` ...); ``mode="offline"`` writes the run under
     ``dir`` for a later ``wandb sync``.
 
@@ -150,7 +151,9 @@ class WandBLogger:
                   test_stats: dict | None = None, verbose: bool = False) -> None:
         if self.run is None:
             return
-        self.step += 1
+        # The epoch when the statistics name one (a resumed run continues its steps), else a count.
+        epoch = next((v for k, v in stats_meta.items() if k.lower() == "epoch" and isinstance(v, int)), None)
+        self.step = epoch if epoch is not None and epoch > self.step else self.step + 1
         record = {name if group == "meta" else f"{group}/{name}": values[-1]
                   for group, name, values in _series(stats_meta, train_stats, valid_stats, test_stats) if values}
         self.run.log(record, step=self.step)

@@ -192,8 +192,8 @@ class Curves:
         colour = {n: f"C{i}" for i, n in enumerate(dict.fromkeys(names + ["train_loss", "lr"]))}
         best_epoch = None
         if best is not None:
-            epochs, values = self.series(best)
-            best_epoch = epochs[values.index(max(values))] if values else None
+            trained = [(v, e) for e, v in zip(*self.series(best)) if e > 0]  # epoch 0: the untrained model
+            best_epoch = max(trained)[1] if trained else None
         count = len(panels) + len(extra)
         fig, axes = plt.subplots(1, count, figsize=(4.6 * count, 3.6), squeeze=False)
         for ax, (label, series, baselines) in zip(axes[0], panels):

@@ -31,6 +31,19 @@ def test_profile_training_writes_a_trace_of_the_profiled_steps_then_stops(tmp_pa
     assert any("aten::addmm" in str(e.get("name")) for e in events)  # the model's forward was recorded
 
 
+def test_a_fit_shorter_than_the_profiled_steps_stops_the_profiler_and_says_so(tmp_path, caplog):
+    # Found in review: the profiler kept running, and the next fit crashed in Kineto.
+    brain = RegressionBrain({"model": mlp(0)}, lambda p: torch.optim.SGD(p, lr=0.1),
+                            hparams={"output_folder": str(tmp_path)},
+                            run_opts={"profile_training": True, "profile_warmup": 2, "profile_steps": 5,
+                                      "noprogressbar": True})
+    with caplog.at_level("WARNING"):
+        brain.fit(range(1), list(batches(3, batch_size=4)), train_loader_kwargs={"batch_size": None})
+    assert any("fit ended after 3 of the 7 profiled steps" in r.message for r in caplog.records)
+    with pytest.raises(SystemExit):  # a second fit profiles afresh and ends as a profiling run does
+        brain.fit(range(2, 4), list(batches(10, batch_size=4)), train_loader_kwargs={"batch_size": None})
+
+
 def test_bad_profiler_settings_are_named():
     with pytest.raises(ValueError, match="profile_steps: expected an int >= 1"):
         RegressionBrain({"model": mlp(0)}, lambda p: torch.optim.SGD(p, lr=0.1),

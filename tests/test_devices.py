@@ -19,8 +19,8 @@ def two_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     return calls
 
 
@@ -50,9 +50,13 @@ def test_cuda_means_the_current_device_and_cuda_n_that_one(two_gpus):
 
 
 def test_under_torchrun_every_rank_gets_its_local_device(two_gpus, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert resolve_device("cuda") == resolve_device("cuda:0") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(DeviceError, match="LOCAL_RANK=3.*sees 2 CUDA device.*--nproc_per_node"):
+        resolve_device("cuda")
 
 
 def test_mps(monkeypatch):

@@ -109,3 +109,23 @@ def test_the_brains_ema_decay_averages_every_optimizer_and_eval_with_ema_uses_it
     assert averaged.evaluate(data, progressbar=False) == plain.evaluate(data, progressbar=False)
     with pytest.raises(ValueError, match="eval_with_ema: needs ema_decay"):
         brain(eval_with_ema=True)
+
+
+class ImperativeEval(Recorded):
+    """A Brain whose evaluate_batch uses its modules directly (as SpeechBrain recipes do)."""
+
+    def evaluate_batch(self, batch, stage):
+        return torch.nn.functional.mse_loss(self.modules.model(batch[0]), batch[1]).detach()
+
+
+def test_eval_with_ema_also_serves_an_overridden_evaluate_batch():
+    data = [(x, y) for x, y in batches(6, batch_size=4)]
+    torch.manual_seed(0)
+    default = Recorded({"model": mlp(0)}, lambda p: torch.optim.Adam(p, lr=1e-2),
+                       run_opts={"noprogressbar": True, "ema_decay": DECAY, "eval_with_ema": True})
+    torch.manual_seed(0)
+    overridden = ImperativeEval({"model": mlp(0)}, lambda p: torch.optim.Adam(p, lr=1e-2),
+                                run_opts={"noprogressbar": True, "ema_decay": DECAY, "eval_with_ema": True})
+    for b in (default, overridden):
+        b.fit(range(1), data, train_loader_kwargs={"batch_size": None})
+    assert overridden.evaluate(data, progressbar=False) == default.evaluate(data, progressbar=False)

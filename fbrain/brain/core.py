@@ -63,6 +63,7 @@ from fbrain.brain.train_loss import TrainLoss
 from fbrain.brain.views import OptimizerView, ScalerView
 from fbrain.checkpoint.recoverables import mark_as_loader, mark_as_preparer, mark_as_saver
 from fbrain.devices import resolve_device, use_device
+from fbrain.functional import swapped
 from fbrain.loss_scale import DynamicLossScale
 from fbrain.optim.base import GradientTransformation
 from fbrain.state import TrainState
@@ -211,6 +212,10 @@ class Brain:
         if not isinstance(record, dict) or not _BRAIN_RECORD <= record.keys():
             raise _checkpoint.CheckpointError(f"{path}: not a Brain's checkpoint (expected the fields "
                                               f"{sorted(_BRAIN_RECORD)})")
+        counts = [record[k] for k in ("step", "optimizer_step", "nonfinite_extra")]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) or \
+                not (record["nonfinite_base"] is None or isinstance(record["nonfinite_base"], torch.Tensor)):
+            raise _checkpoint.CheckpointError(f"{path}: the Brain's counters are damaged ({counts!r:.80})")
         saved = record["state"]
         if self._layout is not None and isinstance(saved, TrainState):
             saved = saved.replace(opt_state=self._layout.upgrade(saved.opt_state))
@@ -515,15 +520,20 @@ class Brain:
             folder = getattr(getattr(self, "hparams", None), "output_folder", None) or os.getcwd()
             self._profiler = TrainingProfiler(self.profile_warmup, self.profile_steps, folder)
             self._profiler.start()
-        with self._preemption.watching():
-            for epoch in epoch_counter:
-                self._fit_train(train_set, epoch, enable)
-                self._fit_valid(valid_set, epoch, enable)
-                if self._preemption.settle():  # arrived after the epoch's last step
-                    logger.warning("stopping after epoch %s; the next run resumes from the last checkpoint", epoch)
-                    raise SystemExit(self._preemption.exit_status())
-                if (self.debug and epoch == self.debug_epochs) or self._step_limit_reached():
-                    break
+        try:
+            with self._preemption.watching():
+                for epoch in epoch_counter:
+                    self._fit_train(train_set, epoch, enable)
+                    self._fit_valid(valid_set, epoch, enable)
+                    if self._preemption.settle():  # arrived after the epoch's last step
+                        logger.warning("stopping after epoch %s; the next run resumes from the last checkpoint", epoch)
+                        raise SystemExit(self._preemption.exit_status())
+                    if (self.debug and epoch == self.debug_epochs) or self._step_limit_reached():
+                        break
+        finally:
+            if self._profiler is not None:
+                self._profiler.finish()  # fit ended before the profiled steps: keep what was recorded
+                self._profiler = None
 
     def _step_limit_reached(self) -> bool:
         return self.optimizer_step_limit is not None and self.optimizer_step >= self.optimizer_step_limit
@@ -594,7 +604,11 @@ class Brain:
 
     def _eval_loop(self, dataset, stage, enable) -> float:
         mean, custom, avg = RunningMean(), self._train_loss.custom, 0.0
-        with torch.no_grad():
+        # eval_with_ema: the averaged weights sit in the modules for the whole stage, so an
+        # overridden evaluate_batch uses them too (the default one takes them from the state).
+        weights = swapped(self.modules, optim.ema_params(self.state.opt_state), strict=False) \
+            if self.eval_with_ema else contextlib.nullcontext()
+        with torch.no_grad(), weights:
             for batch in tqdm(dataset, dynamic_ncols=True, disable=not enable,
                               colour=self.tqdm_barcolor["valid" if stage == Stage.VALID else "test"]):
                 self.step += 1

@@ -60,8 +60,9 @@ class Preemption:
     def watching(self):
         """Catch SIGTERM and SIGINT for the duration of the block (where that is possible)."""
         self.signal = self.agreed = self._exchange = None
-        if _distributed.active():
-            # Collective: every rank calls fit, so every rank creates this group at the same point.
+        if _distributed.active() and self._group is None:
+            # Collective: every rank calls its first fit, so every rank creates this group at the same
+            # point; later fits reuse it.
             self._group = (dist.group.WORLD if dist.get_backend() == "gloo"
                            else dist.new_group(backend="gloo"))
         if threading.current_thread() is not threading.main_thread():

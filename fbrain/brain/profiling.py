@@ -37,6 +37,7 @@ class TrainingProfiler:
                                  f"got {value!r}")
         self.folder = os.path.join(folder, "profiler_logs")
         self.total = warmup + steps
+        self._running = False
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -49,12 +50,26 @@ class TrainingProfiler:
     def start(self) -> None:
         logger.info("PyTorch profiler started: %d steps, trace into %s", self.total, self.folder)
         self._profiler.start()
+        self._running = True
 
     def step(self) -> bool:
         """Mark the end of one training step; True (and the trace written) after the last one."""
         self._profiler.step()
         if self._profiler.step_num < self.total:
             return False
-        self._profiler.stop()
+        self._stop()
         logger.info("The profiler finished, training is stopped; the trace is in %s", self.folder)
         return True
+
+    def finish(self) -> None:
+        """Stop a profiler that ``fit`` left before its last step (fewer batches than profiled
+        steps, a step limit, an error): what it recorded is written, and the log says so."""
+        if self._running:
+            self._stop()
+            logger.warning("fit ended after %d of the %d profiled steps: the profiler is stopped (what it "
+                           "recorded after the warm-up steps, if any, is in %s)",
+                           self._profiler.step_num, self.total, self.folder)
+
+    def _stop(self) -> None:
+        self._running = False
+        self._profiler.stop()

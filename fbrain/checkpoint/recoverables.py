@@ -120,10 +120,12 @@ def _module_apply(module: torch.nn.Module, path: str, allow_partial: bool) -> Ca
         raise KeyError(f"{path}: does not fit {type(module).__name__}: missing {missing}, unexpected "
                        f"{unexpected}; pass allow_partial_load=True to load what matches")
     for key in own.keys() & state.keys():
-        value = state[key]
-        if not isinstance(value, torch.Tensor) or value.shape != own[key].shape:
+        value, expected = state[key], own[key]
+        if not isinstance(expected, torch.Tensor):
+            continue  # a module's extra state (get_extra_state): its own set_extra_state checks it
+        if not isinstance(value, torch.Tensor) or value.shape != expected.shape:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"{path}: {key}: expected shape {tuple(own[key].shape)}, got {got}")
+            raise ValueError(f"{path}: {key}: expected shape {tuple(expected.shape)}, got {got}")
 
     def apply() -> None:
         module.load_state_dict(state, strict=not allow_partial)
@@ -170,38 +172,46 @@ def default_load(obj: Any, path: str, end_of_epoch: bool, allow_partial: bool) -
 def load_all(items: dict[str, tuple[Any, str, Callable | None]], end_of_epoch: bool,
              allow_partial: bool, save_hooks: dict[str, Callable] | None = None) -> None:
     """Load ``{name: (obj, path, custom_load_hook)}`` as one transaction (see the module's doc):
-    if any recoverable fails, every object is as it was and the error is raised."""
+    if any recoverable fails, every object is as it was and the error is raised. An unchecked
+    recoverable that cannot be backed up (a load hook without a save hook, no ``state_dict``) is
+    loaded without a backup, after a warning: it alone could be left half-loaded."""
     prepared = {name: prepare(obj, path, end_of_epoch, allow_partial, hook)
                 for name, (obj, path, hook) in items.items()}
-    unchecked = [name for name, p in prepared.items() if not p.checked]
-    if unchecked:
-        _apply_with_backups(unchecked, prepared, items, save_hooks or {})
-    for name, p in prepared.items():
-        if p.checked:
-            p.apply()
-
-
-def _apply_with_backups(names: list[str], prepared: dict[str, Prepared], items: dict, save_hooks: dict) -> None:
+    save_hooks = save_hooks or {}
     backup_dir = tempfile.mkdtemp(prefix="fbrain-recovery-")
     try:
-        backups = {}
-        for name in names:
-            obj = items[name][0]
-            backups[name] = os.path.join(backup_dir, file_name(name, obj, save_hooks.get(name)))
-            hook = save_hooks.get(name)
-            hook(obj, backups[name]) if hook is not None else default_save(obj, backups[name])
+        backups = {name: _backup(name, items[name][0], save_hooks.get(name), backup_dir)
+                   for name, p in prepared.items() if not p.checked}
+        # Unchecked loaders first (they may fail), then the checked ones (which cannot).
+        order = [n for n, p in prepared.items() if not p.checked] + [n for n, p in prepared.items() if p.checked]
         done = []
         try:
-            for name in names:
+            for name in order:
                 done.append(name)
                 prepared[name].apply()
         except BaseException:
             for name in done:  # the failed one too: it may have changed part of its object
-                obj, _, hook = items[name]
-                try:
-                    prepare(obj, backups[name], True, True, hook).apply()
-                except Exception as err:  # noqa: BLE001 - report, and raise the original failure
-                    log.error("could not restore %s after a failed recovery: %s", name, err)
+                if backups.get(name) is not None:
+                    _restore(name, items[name], backups[name])
             raise
     finally:
         shutil.rmtree(backup_dir, ignore_errors=True)
+
+
+def _backup(name: str, obj: Any, save_hook: Callable | None, folder: str) -> str | None:
+    """A copy of ``obj`` as it is now, in ``folder``; None (and a warning) when it cannot be saved."""
+    path = os.path.join(folder, file_name(name, obj, save_hook))
+    try:
+        save_hook(obj, path) if save_hook is not None else default_save(obj, path)
+    except TypeError as err:  # nothing saves it: a load-only recoverable
+        log.warning("recovery: %s cannot be backed up (%s); it is loaded without a way back", name, err)
+        return None
+    return path
+
+
+def _restore(name: str, item: tuple, backup: str) -> None:
+    obj, _, hook = item
+    try:
+        prepare(obj, backup, True, True, hook).apply()
+    except Exception as err:  # noqa: BLE001 - report, and raise the original failure
+        log.error("recovery: could not put %s back as it was before the failed load: %s", name, err)

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fbrain.optim.base import GradientTransformation, apply, apply_updates, frozen_names
-from fbrain.tree import select
+from fbrain.tree import device_of, select
 
 
 class EmaState(NamedTuple):
@@ -60,7 +60,7 @@ def with_ema(tx: GradientTransformation, decay: float) -> GradientTransformation
 
     def init(params):
         return EmaState(tx.init(params), {n: p.detach().clone() for n, p in params.items()},
-                        torch.zeros((), dtype=torch.int64))
+                        torch.zeros((), dtype=torch.int64, device=device_of(params)))
 
     def update(grads, state, params=None):
         if params is None:
