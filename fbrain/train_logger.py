@@ -142,8 +142,8 @@ class WandBLogger:
         try:
             import wandb
         except ImportError as err:
-            raise ImportError(f"WandBLogger needs the wandb package ({err}); install it with `pip install wandb`"
-                              ) from None
+            raise ImportError(f"WandBLogger needs the wandb package ({err}); install it with `pip install wandb` "
+                              "or the extra `fbrain[loggers]`") from None
         self.run = wandb.init(**init_kwargs) if distributed.is_main_process() else None
         self.step = 0
 
