@@ -28,6 +28,7 @@ from fbrain.data import PaddedBatch, PaddedData
 from fbrain.distributed import ddp_init_group, run_on_main
 from fbrain.metrics import MetricStats
 from fbrain.train_logger import FileTrainLogger, TensorboardLogger, WandBLogger
+from fbrain.checkpoint import Checkpointer
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,6 @@ __all__ = [
     "optim", "per_example_grads", "rng", "stack_micro_batches", "stack_states", "tree",
     "unstack_states",
     "Brain", "EpochCounter", "FileTrainLogger", "MetricStats", "PaddedBatch", "PaddedData", "Stage",
-    "TensorboardLogger", "WandBLogger",
+    "Checkpointer", "TensorboardLogger", "WandBLogger",
     "create_experiment_directory", "ddp_init_group", "parse_arguments", "run_on_main",
 ]

@@ -89,15 +89,24 @@ def barrier() -> None:
         dist.barrier()
 
 
-def run_on_main(func, args=None, kwargs=None, post_func=None, post_args=None, post_kwargs=None):
+def run_on_main(func, args=None, kwargs=None, post_func=None, post_args=None, post_kwargs=None,
+                run_post_on_main=False):
     """SpeechBrain's ``run_on_main``: ``func`` on rank 0 only (data preparation, folder creation),
-    then a barrier, then ``post_func`` (if any) on the other ranks. Outside a distributed run it
-    simply calls ``func``."""
-    if is_main_process():
-        func(*(args or ()), **(kwargs or {}))
+    then a barrier, then ``post_func`` (if any) on the other ranks (on every rank with
+    ``run_post_on_main``). Returns ``func``'s result on every rank (rank 0 sends it to the others).
+    Outside a distributed run it simply calls ``func`` (and ``post_func`` with ``run_post_on_main``)."""
+    result = func(*(args or ()), **(kwargs or {})) if is_main_process() else None
+    if active():
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
     barrier()
-    if post_func is not None and not is_main_process():
-        post_func(*(post_args or ()), **(post_kwargs or {}))
+    if post_func is not None:
+        if run_post_on_main or not is_main_process():
+            post_func(*(post_args or ()), **(post_kwargs or {}))
+        if not run_post_on_main:
+            barrier()
+    return result
 
 
 def timeout() -> datetime.timedelta:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -424,3 +425,67 @@ def test_modules_with_extra_state_and_load_only_recoverables_are_recovered(tmp_p
     found = reader.find_checkpoint()
     reader.load_checkpoint(found._replace(paramfiles={**found.paramfiles, "model_again": found.paramfiles["model"]}))
     assert model.calls == 5 and loaded.value == 1
+
+
+TIES_SCRIPT = """
+import sys, time, torch
+from {module} import Checkpointer
+ckpt = Checkpointer(sys.argv[1], {{"model": torch.nn.Linear(1, 1)}})
+for loss in (1.0, 2.0, 1.0, 3.0):
+    ckpt.save_checkpoint(meta={{"loss": loss, "order": len(ckpt.list_checkpoints())}})
+    time.sleep(0.05)
+best = ckpt.find_checkpoint(min_key="loss").meta["order"]
+ckpt.save_and_keep_only(meta={{"loss": 5.0, "order": 4}}, num_to_keep=2, min_keys=["loss"], keep_recent=False)
+kept = sorted(c.meta["order"] for c in ckpt.list_checkpoints())
+print(best, kept)
+"""
+
+
+@pytest.mark.speechbrain
+def test_ties_on_a_key_rank_the_newest_first_as_in_speechbrain(tmp_path):
+    # fbrain 0.2 ranked the oldest of equal losses first, so it kept and loaded the wrong one.
+    outputs = []
+    for name, module in (("sb", "speechbrain.utils.checkpoints"), ("fbrain", "fbrain.checkpoint")):
+        done = subprocess.run([sys.executable, "-c", TIES_SCRIPT.format(module=module), str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout.strip().splitlines()[-1])
+    assert outputs[0] == outputs[1] == "2 [0, 2]", outputs  # the newest loss-1.0 one; 5.0 is not kept
+
+
+def test_paths_are_pathlib_as_in_speechbrain_and_str_folders_work_with_custom_hooks(tmp_path):
+    # fbrain 0.2 gave hooks and Checkpoint fields str paths: a SpeechBrain-style hook doing path
+    # arithmetic failed ("unsupported operand type(s) for /: 'str' and 'str'").
+    model = torch.nn.Linear(2, 2)
+    seen = []
+
+    def save_hook(obj, path):
+        seen.append(type(path))
+        (path.parent / f"{path.stem}.note").write_text("saved")
+        checkpoint.save(path, obj.state_dict())
+
+    def load_hook(obj, path, end_of_epoch):
+        seen.append((path.parent / f"{path.stem}.note").read_text())
+        obj.load_state_dict(checkpoint.load(path))
+
+    ckpt = Checkpointer(str(tmp_path / "ckpts"), custom_save_hooks={"model": save_hook},
+                        custom_load_hooks={"model": load_hook}, recoverables={"model": model})
+    saved = ckpt.save_checkpoint()
+    assert isinstance(ckpt.checkpoints_dir, pathlib.Path) and isinstance(saved.path, pathlib.Path)
+    assert all(isinstance(p, pathlib.Path) for p in saved.paramfiles.values())
+    found = ckpt.recover_if_possible()
+    # The save hook ran for the checkpoint and for recovery's backup, both with Paths; then the load.
+    assert found.path == saved.path and seen == [type(saved.path), type(saved.path), "saved"]
+
+
+def test_meta_holds_tensors_and_numpy_numbers_and_min_key_compares_them(tmp_path):
+    import numpy as np
+    ckpt = Checkpointer(tmp_path / "ckpts", {"model": torch.nn.Linear(1, 1)})
+    for loss in (0.5, 0.25, 0.75):
+        ckpt.save_checkpoint(meta={"loss": torch.tensor(loss), "per_class": torch.tensor([loss, 1.0]),
+                                   "stoi": np.float32(1 - loss)})
+    best = ckpt.find_checkpoint(min_key="loss")
+    assert best.meta["loss"] == 0.25 and best.meta["per_class"] == [0.25, 1.0]
+    assert ckpt.find_checkpoint(max_key="stoi").meta["loss"] == 0.25
+    with pytest.raises(TypeError, match="cannot store a object"):
+        ckpt.save_checkpoint(meta={"thing": object()})

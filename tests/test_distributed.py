@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -135,3 +136,12 @@ def test_an_imperative_fit_batch_averages_gradients_across_ranks(tmp_path, mode)
     # create_experiment_directory: only rank 0 logs (the Brain's first log line appears once).
     log = (tmp_path / "ddp" / "exp" / "log.txt").read_text()
     assert log.count("trainable parameters") == 1 and (tmp_path / "ddp" / "exp" / "env.log").exists()
+
+
+def test_run_on_main_returns_the_result_on_every_rank(tmp_path):
+    # fbrain 0.2 returned None and had no run_post_on_main (SpeechBrain: the result on every rank).
+    torchrun(tmp_path, script=REPO / "tests" / "scripts" / "ddp_run_on_main.py")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["result"] for r in ranks] == [{"made by": 0}, {"made by": 0}]
+    assert [r["everywhere"] for r in ranks] == [7, 7]
+    assert ranks[0]["posts"] == ["everywhere"] and ranks[1]["posts"] == ["post", "everywhere"]

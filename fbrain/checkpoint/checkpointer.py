@@ -29,6 +29,7 @@ import fcntl
 import json
 import logging
 import os
+import pathlib
 import shutil
 import tempfile
 import time
@@ -54,7 +55,8 @@ TMP_MARK = ".incomplete-"
 LOCK_FILE = ".fbrain-writer.lock"
 
 Checkpoint = collections.namedtuple("Checkpoint", ["path", "meta", "paramfiles"])
-Checkpoint.__doc__ = "A saved checkpoint: its folder, its metadata, and the file of each recoverable."
+Checkpoint.__doc__ = ("A saved checkpoint: its folder, its metadata, and the file of each recoverable "
+                      "(pathlib.Path objects, as SpeechBrain's).")
 
 
 # -- one writer per folder ---------------------------------------------------------------------------
@@ -118,7 +120,7 @@ class Checkpointer:
     def __init__(self, checkpoints_dir: str | os.PathLike, recoverables: dict | None = None,
                  custom_load_hooks: dict | None = None, custom_save_hooks: dict | None = None,
                  allow_partial_load: bool = False, lock_timeout: float = 60.0):
-        self.checkpoints_dir = os.fspath(checkpoints_dir)
+        self.checkpoints_dir = pathlib.Path(checkpoints_dir)  # str or Path given: a Path, as SpeechBrain's
         os.makedirs(self.checkpoints_dir, exist_ok=True)
         self.writer_lock = WriterLock(self.checkpoints_dir, lock_timeout)
         self.recoverables: dict[str, Any] = {}
@@ -179,7 +181,7 @@ class Checkpointer:
             paramfiles = {}
             for key, obj in self.recoverables.items():
                 hook = self.custom_save_hooks.get(key)
-                path = os.path.join(tmp, file_name(key, obj, hook))
+                path = pathlib.Path(tmp, file_name(key, obj, hook))  # hooks get a Path, as SpeechBrain's do
                 hook(obj, path) if hook is not None else default_save(obj, path)
                 paramfiles[key] = path
             full_meta = {**(meta or {}), "end-of-epoch": end_of_epoch, "unixtime": time.time()}
@@ -194,9 +196,9 @@ class Checkpointer:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        path = os.path.join(self.checkpoints_dir, final)
+        path = self.checkpoints_dir / final
         log.log(verbosity, "saved checkpoint %s", path)
-        return Checkpoint(path, full_meta, {k: os.path.join(path, os.path.basename(v)) for k, v in paramfiles.items()})
+        return Checkpoint(path, full_meta, {k: path / v.name for k, v in paramfiles.items()})
 
     def save_and_keep_only(self, meta=None, end_of_epoch=True, name=None, num_to_keep=1, keep_recent=True,
                            importance_keys=None, max_keys=None, min_keys=None, ckpt_predicate=None,
@@ -208,7 +210,9 @@ class Checkpointer:
             keys.append(_recency)
         self.delete_checkpoints(num_to_keep=num_to_keep, max_keys=max_keys, min_keys=min_keys,
                                 importance_keys=keys, ckpt_predicate=ckpt_predicate, verbosity=verbosity,
-                                _keep=None if saved is None else saved.path)
+                                # keep_recent: the checkpoint just written is the recent one, whatever
+                                # another folder's (possibly tampered) time says.
+                                _keep=None if saved is None or not keep_recent else saved.path)
         return saved
 
     # -- finding -----------------------------------------------------------------------------------
@@ -217,7 +221,7 @@ class Checkpointer:
         """Every complete checkpoint folder (leftovers of interrupted saves are not checkpoints)."""
         found = []
         for entry in sorted(os.listdir(self.checkpoints_dir)):
-            path = os.path.join(self.checkpoints_dir, entry)
+            path = self.checkpoints_dir / entry
             if not entry.startswith(PREFIX + "+") or TMP_MARK in entry or not os.path.isdir(path):
                 continue
             try:
@@ -236,7 +240,7 @@ class Checkpointer:
             for f in sorted(os.listdir(path), key=lambda f: f.endswith(SUFFIXES[0])):  # .fbrain wins
                 stem, suffix = os.path.splitext(f)
                 if suffix in SUFFIXES:
-                    paramfiles[stem] = os.path.join(path, f)
+                    paramfiles[stem] = path / f
             found.append(Checkpoint(path, meta, paramfiles))
         return found
 
@@ -247,6 +251,8 @@ class Checkpointer:
         candidates = [c for c in self.list_checkpoints()
                       if (ckpt_predicate is None or ckpt_predicate(c))
                       and (max_key is None or max_key in c.meta) and (min_key is None or min_key in c.meta)]
+        # Newest first, then by importance: a stable sort keeps ties newest first (SpeechBrain's order).
+        candidates.sort(key=_recency, reverse=True)
         ranked = sorted(candidates, key=key, reverse=True)
         return ranked if max_num_checkpoints is None else ranked[:max_num_checkpoints]
 
@@ -369,7 +375,13 @@ def _importance(importance_key, max_key, min_key):
 
 
 def _json_number(value):
-    # Metadata often holds 0-dim tensors (a loss); store their number.
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    raise TypeError(f"checkpoint meta: cannot store a {type(value).__name__}")
+    # Metadata often holds tensors (a stage loss) or numpy numbers: store their values, which
+    # min_key / max_key then compare.
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # a numpy number or array
+        return value.item() if getattr(value, "size", 1) == 1 else value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"checkpoint meta: cannot store a {type(value).__name__} ({value!r:.60}); give numbers, "
+                    "strings, lists or dicts of them")

@@ -27,7 +27,7 @@ Example::
 from __future__ import annotations
 
 import logging
-import os
+import pathlib
 import shutil
 import tempfile
 from typing import Any, Callable, NamedTuple
@@ -198,9 +198,9 @@ def load_all(items: dict[str, tuple[Any, str, Callable | None]], end_of_epoch: b
         shutil.rmtree(backup_dir, ignore_errors=True)
 
 
-def _backup(name: str, obj: Any, save_hook: Callable | None, folder: str) -> str | None:
+def _backup(name: str, obj: Any, save_hook: Callable | None, folder: str) -> pathlib.Path | None:
     """A copy of ``obj`` as it is now, in ``folder``; None (and a warning) when it cannot be saved."""
-    path = os.path.join(folder, file_name(name, obj, save_hook))
+    path = pathlib.Path(folder, file_name(name, obj, save_hook))  # hooks get Paths, as from the Checkpointer
     try:
         save_hook(obj, path) if save_hook is not None else default_save(obj, path)
     except TypeError as err:  # nothing saves it: a load-only recoverable

@@ -1,0 +1,21 @@
+"""Launched by tests/test_distributed.py: run_on_main's result and post_func on every rank.
+
+usage: ddp_run_on_main.py OUT_DIR   (writes OUT_DIR/rank{R}.json)
+"""
+
+import json
+import os
+import sys
+
+import torch.distributed as dist
+
+import fbrain
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+posts = []
+result = fbrain.run_on_main(lambda: {"made by": dist.get_rank()}, post_func=lambda: posts.append("post"))
+everywhere = fbrain.run_on_main(lambda: 7, post_func=lambda: posts.append("everywhere"), run_post_on_main=True)
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump({"result": result, "everywhere": everywhere, "posts": posts}, f)
+dist.destroy_process_group()
