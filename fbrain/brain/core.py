@@ -148,6 +148,7 @@ class Brain:
         self._train_loss = TrainLoss(self.update_average if custom_average else None)
         self._nonfinite_base = None  # state.counters.nonfinite_count when the epoch started
         self._nonfinite_extra = 0  # what a recipe added to nonfinite_count itself
+        self._nonfinite_checked = 0  # of those, what check_loss_isfinite counted (patience applies)
         self._intra_epoch = IntraEpochSchedule(self.ckpt_interval_steps, self.ckpt_interval_minutes)
         self._intra_epoch_due = False
         self._preemption = Preemption()
@@ -203,6 +204,7 @@ class Brain:
             "state": self.state, "step": self.step, "optimizer_step": self.optimizer_step,
             "train_loss": self._train_loss.mean.record(),
             "nonfinite_base": self._nonfinite_base, "nonfinite_extra": self._nonfinite_extra,
+            "nonfinite_checked": self._nonfinite_checked,
         })
 
     @mark_as_preparer
@@ -235,11 +237,13 @@ class Brain:
                 self.step = record["step"]
                 self._train_loss.mean.restore(train_loss)
                 self._nonfinite_base, self._nonfinite_extra = record["nonfinite_base"], record["nonfinite_extra"]
+                # Checkpoints of fbrain 0.2 did not tell the two apart: all of them counted.
+                self._nonfinite_checked = record.get("nonfinite_checked", record["nonfinite_extra"])
             else:
                 # A fresh epoch starts: forget any position left from an earlier recovery.
                 self.step = 0
                 self._train_loss.reset(0.0)
-                self._nonfinite_base, self._nonfinite_extra = None, 0
+                self._nonfinite_base, self._nonfinite_extra, self._nonfinite_checked = None, 0, 0
         return apply
 
     @mark_as_loader
@@ -441,12 +445,19 @@ class Brain:
             counted_by_step = self._imperative.loss_pending()
             if not counted_by_step:
                 self.nonfinite_count += 1
+                self._nonfinite_checked += 1
             self._raise_if_patience_exhausted(pending=int(counted_by_step))
 
     def _raise_if_patience_exhausted(self, pending: int = 0) -> None:
-        if self.nonfinite_count + pending > self.nonfinite_patience:
+        # Patience covers the steps skipped as non-finite and what check_loss_isfinite counted, as in
+        # SpeechBrain; a recipe's own `self.nonfinite_count += 1` (the LibriMix recipe counts the
+        # batches it skips on purpose) is reported, never enforced.
+        skipped = 0 if self._state is None or self._nonfinite_base is None else \
+            int(self._state.counters.nonfinite_count - self._nonfinite_base)
+        counted = skipped + self._nonfinite_checked + pending
+        if counted > self.nonfinite_patience:
             raise ValueError(
-                f"Loss or gradients were not finite in {self.nonfinite_count + pending} steps this epoch, more than "
+                f"Loss or gradients were not finite in {counted} steps this epoch, more than "
                 f"nonfinite_patience={self.nonfinite_patience} (those steps were skipped). To debug, wrap fit() "
                 "in torch.autograd.detect_anomaly()"
             )
@@ -544,7 +555,7 @@ class Brain:
         self.state = self.state.replace(counters=c._replace(epoch=torch.full_like(c.epoch, epoch_value)))
         if not self.step:  # a fresh epoch, not one resumed in its middle
             self._nonfinite_base = self.state.counters.nonfinite_count.clone()
-            self._nonfinite_extra = 0
+            self._nonfinite_extra = self._nonfinite_checked = 0
         if self.train_sampler is not None and hasattr(self.train_sampler, "set_epoch"):
             self.train_sampler.set_epoch(epoch)
 
