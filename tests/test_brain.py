@@ -212,6 +212,27 @@ def test_a_recipes_own_nonfinite_count_is_reported_not_enforced_as_in_speechbrai
     assert outputs[0] == outputs[1] == ["completed", "6"]
 
 
+STAGES_IN_SPEECHBRAIN = """
+import fbrain, speechbrain as sb
+from speechbrain.utils.dynamic_chunk_training import DynChunkTrainConfig, DynChunkTrainConfigRandomSampler
+sampler = DynChunkTrainConfigRandomSampler(chunkwise_prob=1.0, chunk_size_min=24, chunk_size_max=24,
+                                           limited_left_context_prob=0.0, left_context_chunks_min=16,
+                                           left_context_chunks_max=16, test_config=DynChunkTrainConfig(32, 16),
+                                           valid_config=None)
+print(sampler(fbrain.Stage.TRAIN).chunk_size, sampler(fbrain.Stage.TEST).chunk_size,
+      fbrain.Stage.VALID == sb.Stage.VALID, sb.Stage.VALID == fbrain.Stage.VALID,
+      {sb.Stage.TEST: "t"}[fbrain.Stage.TEST], fbrain.Stage.TRAIN == sb.Stage.VALID)
+"""
+
+
+@pytest.mark.speechbrain
+def test_fbrains_stages_equal_speechbrains_in_its_library_code():
+    # fbrain 0.2: SpeechBrain code comparing stages (the dynamic-chunk sampler) failed with fbrain's.
+    done = subprocess.run([sys.executable, "-c", STAGES_IN_SPEECHBRAIN], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-6:] == ["24", "32", "True", "True", "t", "False"]
+
+
 def test_leftover_micro_batches_are_applied():
     data = regression_data(5)
     brain = RegressionBrain({"model": linear()}, opt_class=lambda p: torch.optim.SGD(p, lr=0.1),
