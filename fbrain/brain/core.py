@@ -50,6 +50,7 @@ from fbrain.brain.binding import Binding
 from fbrain.brain.checkpointing import INTRA_EPOCH_FLAG, IntraEpochSchedule, skip_batches
 from fbrain.brain.contexts import PrecisionContext
 from fbrain.brain.default_steps import DefaultSteps
+from fbrain.brain.epoch_counter import EpochCounter
 from fbrain.brain.grad_sync import GradientSync
 from fbrain.brain.imperative import ImperativeUpdates
 from fbrain.brain.module_compile import compile_modules
@@ -61,7 +62,7 @@ from fbrain.brain.running_mean import RunningMean
 from fbrain.brain.stage import Stage
 from fbrain.brain.train_loss import TrainLoss
 from fbrain.brain.views import OptimizerView, ScalerView
-from fbrain.checkpoint.recoverables import mark_as_loader, mark_as_preparer, mark_as_saver
+from fbrain.checkpoint.recoverables import mark_as_loader, mark_as_preparer, mark_as_saver, register_with_speechbrain
 from fbrain.devices import resolve_device, use_device
 from fbrain.functional import swapped
 from fbrain.loss_scale import DynamicLossScale
@@ -155,6 +156,8 @@ class Brain:
         self._profiler: TrainingProfiler | None = None  # profile_training, while fit runs
         if checkpointer is not None and hasattr(checkpointer, "add_recoverable") and \
                 "brain" not in getattr(checkpointer, "recoverables", {}):
+            # SpeechBrain's own Checkpointer (a recipe's YAML may make one) finds hooks by class.
+            register_with_speechbrain(Brain, EpochCounter)
             checkpointer.add_recoverable("brain", self)
         self.print_trainable_parameters()
 

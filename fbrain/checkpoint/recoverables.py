@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import sys
 import shutil
 import tempfile
 from typing import Any, Callable, NamedTuple
@@ -44,15 +45,29 @@ SUFFIXES = (FBRAIN_SUFFIX, OTHER_SUFFIX)
 
 
 def mark_as_saver(method: Callable) -> Callable:
-    """Mark ``method(self, path)`` as the object's checkpoint saver (it writes fbrain's format)."""
-    method._fbrain_saver = True
+    """Mark ``method(self, path)`` as the object's checkpoint saver (it writes fbrain's format).
+    SpeechBrain's mark is set too, so :func:`register_with_speechbrain` can offer it to
+    SpeechBrain's Checkpointer."""
+    method._fbrain_saver = method._speechbrain_saver = True
     return method
 
 
 def mark_as_loader(method: Callable) -> Callable:
     """Mark ``method(self, path, end_of_epoch)`` as the object's checkpoint loader."""
-    method._fbrain_loader = True
+    method._fbrain_loader = method._speechbrain_loader = True
     return method
+
+
+def register_with_speechbrain(*classes: type) -> None:
+    """Make SpeechBrain's own Checkpointer save and load ``classes`` with their fbrain hooks (a
+    recipe whose YAML says ``!new:speechbrain.utils.checkpoints.Checkpointer``). Does nothing
+    unless SpeechBrain is already imported: fbrain never imports it (it changes global torch
+    flags)."""
+    module = sys.modules.get("speechbrain.utils.checkpoints")
+    if module is None:
+        return
+    for cls in classes:
+        module.register_checkpoint_hooks(cls)
 
 
 def mark_as_preparer(method: Callable) -> Callable:
