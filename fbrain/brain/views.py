@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from fbrain.checkpoint.speechbrain_import import _import_optimizer, export_optimizer
+
 # torch.optim's names for hyperparameters fbrain keeps under other names.
 _PAIRS = {"betas": ("beta1", "beta2")}
 
@@ -122,14 +124,25 @@ class OptimizerView(torch.optim.Optimizer):
             else:
                 p.grad.detach_().zero_()
 
-    def state_dict(self):
-        raise NotImplementedError(
-            "OptimizerView.state_dict: the optimizer state lives in brain.state (a TrainState); "
-            "checkpoint the TrainState instead of the optimizer"
-        )
+    def _names_per_group(self) -> list[list[str]]:
+        names = {id(p): n for n, p in self.named}
+        return [[names[id(p)] for p in group["params"]] for group in self.param_groups]
 
-    def load_state_dict(self, state_dict):
-        raise NotImplementedError("OptimizerView.load_state_dict: restore brain.state (a TrainState) instead")
+    def state_dict(self) -> dict:
+        """This optimizer's part of ``brain.state`` in ``torch.optim``'s shape (a copy): what a
+        recipe that adds its optimizer to the checkpointer saves, and what ``torch.save`` takes."""
+        return export_optimizer(self._updates.owner.state.opt_state, self.labels, self._names_per_group(),
+                                [group.copy() for group in self.param_groups])
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Put a ``torch.optim``-shaped state dict (this view's, or the torch optimizer's it stands
+        for) into ``brain.state``; a mismatch (another optimizer class, other shapes) is an error
+        naming the parameter."""
+        owner = self._updates.owner
+        names = [n for group in self._names_per_group() for n in group]
+        opt_state = _import_optimizer(owner.state.opt_state, state_dict, names, "optimizer.load_state_dict",
+                                      optimizer_step=None, labels=self.labels)
+        owner.state = owner.state.replace(opt_state=opt_state)
 
 
 class ScalerView:

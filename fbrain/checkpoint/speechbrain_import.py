@@ -358,6 +358,34 @@ def _import_optimizer(opt_state, torch_state: dict, names_in_order: list[str], p
     return opt_state
 
 
+def export_optimizer(opt_state, labels: list[str], names_per_group: list[list[str]], param_groups: list[dict]) -> dict:
+    """The state of one Brain optimizer (its layout ``labels``) as ``torch.optim.Optimizer.state_dict()``
+    shapes it: parameters numbered across groups in order, per-parameter tensors under torch's keys
+    (copies), ``step`` as a float tensor, and each group's hyperparameters. The inverse of
+    :func:`_import_optimizer` (what ``OptimizerView.load_state_dict`` calls)."""
+    state, groups, index = {}, [], 0
+    for label, names, group in zip(labels, names_per_group, param_groups):
+        sub = opt_state[label]
+        kind = type(sub).__name__
+        mapping = _PER_PARAM.get(kind)
+        if mapping is None:
+            raise TypeError(f"optimizer state_dict: an fbrain {kind} has no torch.optim form (supported: Adam, "
+                            "AdamW, SGD, RMSprop); checkpoint brain.state (the TrainState) instead")
+        ids = list(range(index, index + len(names)))
+        index += len(names)
+        count = int(sub.count)
+        for i, name in zip(ids, names):
+            entry = {key: getattr(sub, field)[name].detach().clone()
+                     for key, field in mapping.items() if name in getattr(sub, field)}
+            if count == 0 or not entry and kind != "SGDState":
+                continue  # torch keeps no state for a parameter it never stepped
+            if kind != "SGDState":
+                entry["step"] = torch.tensor(float(count))
+            state[i] = entry
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+    return {"state": state, "param_groups": groups}
+
+
 def _import_scaler(scaler: LossScaleState, content: dict) -> LossScaleState:
     return LossScaleState(torch.full_like(scaler.scale, float(content["scale"])),
                           torch.full_like(scaler.growth_tracker, int(content["_growth_tracker"])))
