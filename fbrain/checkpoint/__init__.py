@@ -19,11 +19,11 @@ from fbrain.checkpoint.restore import restore
 from fbrain.checkpoint.serialization import CheckpointError, register_type, to_bytes, write
 from fbrain.checkpoint.speechbrain_import import find_speechbrain_checkpoint, import_speechbrain
 from fbrain.loss_scale import LossScaleState
-from fbrain.optim import AdamState, EmaState, EmptyState, RMSpropState, SGDState
+from fbrain.optim import AdamState, AdaptiveState, EmaState, EmptyState, RMSpropState, SGDState
 from fbrain.optim.hyperparams import Static
 from fbrain.state import Counters, TrainState
 
-for _cls in (TrainState, Counters, LossScaleState, AdamState, SGDState, RMSpropState, EmptyState, EmaState, Static):
+for _cls in (TrainState, Counters, LossScaleState, AdamState, SGDState, RMSpropState, EmptyState, EmaState, AdaptiveState, Static):
     register_type(_cls)
 
 __all__ = [

@@ -13,6 +13,7 @@ Example::
 
 from fbrain.optim import schedules
 from fbrain.optim.adam import AdamState, adam, adamw
+from fbrain.optim.adaptive import AdaptiveState, adadelta, adagrad, adamax, nadam, radam
 from fbrain.optim.base import (
     EmptyState,
     GradientTransformation,
@@ -32,8 +33,8 @@ from fbrain.optim.rmsprop import RMSpropState, rmsprop
 from fbrain.optim.sgd import SGDState, sgd
 
 __all__ = [
-    "AdamState", "EmaState", "EmptyState", "GradientTransformation", "RMSpropState", "SGDState", "Static",
-    "adam", "adamw", "apply", "apply_updates", "chain", "clip_by_global_norm", "clip_grads_by_global_norm",
+    "AdamState", "AdaptiveState", "EmaState", "EmptyState", "GradientTransformation", "RMSpropState", "SGDState", "Static",
+    "adadelta", "adagrad", "adam", "adamax", "adamw", "nadam", "radam", "apply", "apply_updates", "chain", "clip_by_global_norm", "clip_grads_by_global_norm",
     "ema_params", "from_torch", "frozen", "frozen_names", "get_hyperparams", "global_norm", "identity",
     "partition", "rmsprop", "schedules", "set_hyperparams", "sgd", "twin_of", "with_ema",
 ]

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from fbrain.optim import adaptive
 from fbrain.optim.adam import adam
 from fbrain.optim.base import GradientTransformation
 from fbrain.optim.rmsprop import rmsprop
@@ -46,7 +47,24 @@ def _rmsprop(g):
                    momentum=g["momentum"], centered=g["centered"], maximize=g["maximize"])
 
 
+def _betas(g):
+    return tuple(_number(b) for b in g["betas"])
+
+
 _TWINS: list[tuple[type, Callable[[dict], GradientTransformation]]] = [
+    (torch.optim.Adagrad, lambda g: adaptive.adagrad(lr=g["lr"], lr_decay=g["lr_decay"], weight_decay=g["weight_decay"],
+                                                      initial_accumulator_value=g["initial_accumulator_value"],
+                                                      eps=g["eps"], maximize=g["maximize"])),
+    (torch.optim.Adadelta, lambda g: adaptive.adadelta(lr=g["lr"], rho=g["rho"], eps=g["eps"],
+                                                        weight_decay=g["weight_decay"], maximize=g["maximize"])),
+    (torch.optim.Adamax, lambda g: adaptive.adamax(lr=g["lr"], betas=_betas(g), eps=g["eps"],
+                                                    weight_decay=g["weight_decay"], maximize=g["maximize"])),
+    (torch.optim.NAdam, lambda g: adaptive.nadam(lr=g["lr"], betas=_betas(g), eps=g["eps"], weight_decay=g["weight_decay"],
+                                                  momentum_decay=g["momentum_decay"], maximize=g["maximize"],
+                                                  decoupled_weight_decay=g["decoupled_weight_decay"])),
+    (torch.optim.RAdam, lambda g: adaptive.radam(lr=g["lr"], betas=_betas(g), eps=g["eps"], weight_decay=g["weight_decay"],
+                                                  decoupled_weight_decay=g["decoupled_weight_decay"],
+                                                  maximize=g["maximize"])),
     (torch.optim.AdamW, lambda g: _adam(g, decoupled=True)),
     (torch.optim.Adam, _adam),
     (torch.optim.SGD, _sgd),
