@@ -44,4 +44,10 @@ for _ in range(2):  # epochs
         losses.append(float(metrics["loss"]))
 torch.save({"params": state.params, "losses": losses}, os.path.join(out_dir, f"rank{rank}.pt"))
 dist.barrier()
-dist.destroy_process_group()
+
+# Every result is written. torch 2.13's CPU build once aborted a rank while the interpreter tore
+# down the process group ("terminate called without an active exception", CI of 2026-12-02):
+# leave without the teardown, so the test sees this script's work, not torch's exit path.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
