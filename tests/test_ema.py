@@ -129,3 +129,28 @@ def test_eval_with_ema_also_serves_an_overridden_evaluate_batch():
     for b in (default, overridden):
         b.fit(range(1), data, train_loader_kwargs={"batch_size": None})
     assert overridden.evaluate(data, progressbar=False) == default.evaluate(data, progressbar=False)
+
+
+class ImperativeFit(Recorded):
+    """A SpeechBrain-style fit_batch: backward, optimizer.step, zero_grad."""
+
+    def fit_batch(self, batch):
+        loss = self.compute_objectives(self.compute_forward(batch, fbrain.Stage.TRAIN), batch, fbrain.Stage.TRAIN)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss.detach()
+
+
+def test_the_imperative_fit_batch_keeps_the_same_average_as_the_default_step():
+    # The average follows the one update path (apply_gradients), whichever fit_batch drives it.
+    data = [(x, y) for x, y in batches(6, batch_size=4)]
+    brains = []
+    for cls in (Recorded, ImperativeFit):
+        torch.manual_seed(0)
+        brain = cls({"model": mlp(0)}, lambda p: torch.optim.Adam(p, lr=1e-2),
+                    run_opts={"noprogressbar": True, "ema_decay": DECAY, "max_grad_norm": None})
+        brain.fit(range(1), data, train_loader_kwargs={"batch_size": None})
+        brains.append(brain)
+    assert trees_equal(brains[0].state.params, brains[1].state.params)
+    assert trees_equal(optim.ema_params(brains[0].state.opt_state), optim.ema_params(brains[1].state.opt_state))

@@ -154,6 +154,8 @@ class Brain:
         self._intra_epoch_due = False
         self._preemption = Preemption()
         self._profiler: TrainingProfiler | None = None  # profile_training, while fit runs
+        #: With ``eval_with_ema``: the averaged weights while a valid or test stage runs (else None).
+        self.eval_params = None
         if checkpointer is not None and hasattr(checkpointer, "add_recoverable") and \
                 "brain" not in getattr(checkpointer, "recoverables", {}):
             # SpeechBrain's own Checkpointer (a recipe's YAML may make one) finds hooks by class.
@@ -618,10 +620,11 @@ class Brain:
 
     def _eval_loop(self, dataset, stage, enable) -> float:
         mean, custom, avg = RunningMean(), self._train_loss.custom, 0.0
-        # eval_with_ema: the averaged weights sit in the modules for the whole stage, so an
-        # overridden evaluate_batch uses them too (the default one takes them from the state).
-        weights = swapped(self.modules, optim.ema_params(self.state.opt_state), strict=False) \
-            if self.eval_with_ema else contextlib.nullcontext()
+        # eval_with_ema: the averaged weights, found once per stage, sit in the modules for the
+        # whole stage (an overridden evaluate_batch uses them) and go to the default eval step.
+        self.eval_params = optim.ema_params(self.state.opt_state) if self.eval_with_ema else None
+        weights = swapped(self.modules, self.eval_params, strict=False) if self.eval_params is not None \
+            else contextlib.nullcontext()
         with torch.no_grad(), weights:
             for batch in tqdm(dataset, dynamic_ncols=True, disable=not enable,
                               colour=self.tqdm_barcolor["valid" if stage == Stage.VALID else "test"]):
@@ -633,7 +636,7 @@ class Brain:
                     mean.add(loss)
                 if self.debug and self.step == self.debug_batches:
                     break
-        self.step = 0
+        self.step, self.eval_params = 0, None
         return avg if custom else mean.value()
 
     def _fit_valid(self, valid_set, epoch, enable):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from fbrain import distributed as _distributed
-from fbrain import optim
 from fbrain.batches import MicroBatches
 from fbrain.brain.compiled_steps import StepCompiler
 from fbrain.brain.stage import Stage
@@ -97,8 +96,8 @@ class DefaultSteps:
             self._eval = make_eval_step(self.eval_loss_fn, precision=brain.eval_precision)
         self._eval_stage = stage
         state = brain.state
-        if brain.eval_with_ema:  # the averaged weights in place of the trained ones
-            state = state.replace(params={**state.params, **optim.ema_params(state.opt_state)})
+        if brain.eval_params is not None:  # eval_with_ema: the averaged weights for this stage
+            state = state.replace(params={**state.params, **brain.eval_params})
         if brain.compile_steps:
             return self._compiler("eval")(self._eval, state, batch)["loss"].detach()
         return self._eval(state, batch)["loss"].detach()

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fbrain.optim.base import GradientTransformation, apply, apply_updates, frozen_names
+from fbrain.optim.base import GradientTransformation, apply, apply_updates
 from fbrain.tree import device_of, select
 
 
@@ -75,8 +75,7 @@ def with_ema(tx: GradientTransformation, decay: float) -> GradientTransformation
         kept = select(~skip, moved._replace(inner=None), state._replace(inner=None))
         return new_params, kept._replace(inner=inner)
 
-    return GradientTransformation(init, update, (lambda params: frozen_names(tx, params)) if tx.frozen else None,
-                                  apply_fn)
+    return GradientTransformation(init, update, tx.frozen, apply_fn)
 
 
 def ema_params(opt_state: Any) -> dict[str, torch.Tensor]:
