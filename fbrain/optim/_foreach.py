@@ -90,6 +90,29 @@ add_, mul_, div_ = (_binary_inplace(n) for n in ("add", "mul", "div"))
 sqrt, neg = _unary("sqrt"), _unary("neg")
 
 
+def _per_tensor(*args) -> bool:
+    # The foreach kernels' scalar-tensor overloads trace poorly (compile) or not at all (vmap):
+    # there, one ordinary op per tensor (which inductor fuses anyway).
+    return torch.compiler.is_compiling() or any_batched(*args)
+
+
+def addcmul(a: list[torch.Tensor], b: list[torch.Tensor], c) -> list[torch.Tensor]:
+    """``a + b * c`` with torch's ``addcmul`` rounding (one rounding of the multiply-add on the CPU:
+    what torch.optim's ``add(param, alpha=wd)`` and ``addcmul_`` compute). ``c``: a list or a 0-dim
+    tensor."""
+    cs = c if isinstance(c, (list, tuple)) else [c] * len(a)
+    if _per_tensor(a, b, cs):
+        return [torch.addcmul(x, y, z) for x, y, z in zip(a, b, cs)]
+    return list(torch._foreach_addcmul(a, b, cs))
+
+
+def lerp(a: list[torch.Tensor], b: list[torch.Tensor], weight: torch.Tensor) -> list[torch.Tensor]:
+    """``a + weight * (b - a)`` as torch's ``lerp`` rounds it (a fused multiply-add on the CPU)."""
+    if _per_tensor(a, b, weight):
+        return [torch.lerp(x, y, weight) for x, y in zip(a, b)]
+    return list(torch._foreach_lerp(a, b, weight))
+
+
 def norm(a: list[torch.Tensor]) -> list[torch.Tensor]:
     """The L2 norm of each tensor."""
     return [torch.linalg.vector_norm(x) for x in a] if any_batched(a) else list(torch._foreach_norm(a))
@@ -108,5 +131,6 @@ def decayed_gradients(grads, names, params, weight_decay, maximize):
     if weight_decay is not None:
         if params is None:
             raise ValueError("weight_decay needs the parameters: call update(grads, state, params)")
-        grads = add(grads, mul([params[n] for n in names], scalar(weight_decay, grads)))
+        # torch.optim: grad.add(param, alpha=weight_decay), one rounding (as addcmul's).
+        grads = addcmul(grads, [params[n] for n in names], scalar(weight_decay, grads))
     return grads

@@ -21,7 +21,7 @@ from fbrain.optim import hyperparams as hp
 from fbrain.optim import _foreach as fe
 from fbrain.optim import _fused
 from fbrain.optim._foreach import decayed_gradients, ordered
-from fbrain.optim.base import GradientTransformation, apply_with_update
+from fbrain.optim.base import GradientTransformation, unless_skipped
 from fbrain.torch_compat import fused_kernel
 
 
@@ -41,8 +41,16 @@ def adam(
     amsgrad: bool = False,
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
+    fused: bool = True,
 ) -> GradientTransformation:
-    """``torch.optim.Adam`` as a pure transformation (``decoupled_weight_decay`` makes it AdamW)."""
+    """``torch.optim.Adam`` as a pure transformation (``decoupled_weight_decay`` makes it AdamW).
+
+    ``fused=True`` runs ATen's fused CPU kernel where it serves (float32/64 CPU tensors, eager,
+    unscheduled betas): fastest, and equal to ``torch.optim.Adam(fused=True)``. Everywhere else,
+    and always with ``fused=False``, the update is torch.optim's default (single-tensor / foreach)
+    arithmetic, bit for bit; the two round differently in the last bit. :func:`fbrain.optim.from_torch`
+    picks what the torch optimizer it is given would have run.
+    """
     hp.validate("lr", lr)
     hp.validate("eps", eps)
     hp.validate("weight_decay", weight_decay)
@@ -63,7 +71,11 @@ def adam(
             hyperparams=hp.init(params, **schedules),
         )
 
-    def update(grads, state, params=None):
+    def moments(grads, state, params):
+        """torch.optim's single-tensor Adam, op for op and rounding for rounding (its lerp,
+        addcmul and addcdiv round a multiply-add once on the CPU; its bias corrections are
+        float64 numbers rounded to the tensors' dtype): the change ``delta``, the factor
+        ``shrink`` AdamW multiplies the parameters by first (None for Adam), and the new state."""
         h = hp.current(state.hyperparams, schedules, state.count)
         x = hp.as_tensors(h, state.count.device)
         lr_, b1, b2 = x["lr"], x["beta1"], x["beta2"]
@@ -73,15 +85,8 @@ def adam(
         g = decayed_gradients(g, names, params, None if decoupled_weight_decay else decay, maximize)
 
         c = lambda value: hp.scalar(value, g)  # noqa: E731
-        # mu <- lerp(mu, g, 1 - beta1): the same arithmetic as torch's lerp for weights < 0.5.
-        mu = fe.sub(g, [state.mu[n] for n in names])
-        fe.mul_(mu, c(1 - b1))
-        fe.add_(mu, [state.mu[n] for n in names])
-        # nu <- beta2 * nu + (1 - beta2) * g * g
-        nu = fe.mul([state.nu[n] for n in names], c(b2))
-        g2 = fe.mul(g, g)
-        fe.mul_(g2, c(1 - b2))
-        fe.add_(nu, g2)
+        mu = fe.lerp([state.mu[n] for n in names], g, c(1 - b1))
+        nu = fe.addcmul(fe.mul([state.nu[n] for n in names], c(b2)), fe.mul(g, c(1 - b2)), g)
         second = nu
         nu_max = state.nu_max
         if amsgrad:
@@ -92,15 +97,9 @@ def adam(
         denom = fe.sqrt(second)
         fe.div_(denom, c(bias_correction2_sqrt))
         fe.add_(denom, c(x["eps"]))
-        updates = fe.div(mu, denom)
-        fe.mul_(updates, c(-(lr_ / bias_correction1)))
-        if decoupled_weight_decay and decay is not None:
-            # AdamW shrinks the parameters by (1 - lr * wd) before the Adam step. torch multiplies by
-            # that factor rounded to the parameters' dtype; rounding it the same way keeps the two in
-            # step (the rounding error is biased, so it would otherwise add up over many steps).
-            shrink = c(1 - lr_ * decay).to(lr_.dtype) - 1
-            fe.add_(updates, fe.mul([params[n] for n in names], c(shrink)))
-
+        delta = fe.div(fe.mul(mu, c(-(lr_ / bias_correction1))), denom)  # addcdiv: (value * mu) / denom
+        # AdamW multiplies the parameters by (1 - lr * wd), rounded to their dtype, before the step.
+        shrink = c(1 - lr_ * decay) if decoupled_weight_decay and decay is not None else None
         new_state = AdamState(
             count,
             {**state.mu, **dict(zip(names, mu))},
@@ -108,9 +107,28 @@ def adam(
             nu_max,
             h,
         )
-        return dict(zip(names, updates)), new_state
+        return dict(zip(names, delta)), shrink, new_state
 
-    def fused(grads, state, params, skip, in_place):
+    def update(grads, state, params=None):
+        delta, shrink, new_state = moments(grads, state, params)
+        if shrink is None:
+            return delta, new_state
+        names = list(delta)
+        # As a change to add (for chains): delta + (shrink - 1) * params. ``apply`` instead
+        # multiplies the parameters first, as torch does; the two may differ in the last bit.
+        changed = fe.addcmul([delta[n] for n in names], [params[n] for n in names], shrink - 1)
+        return dict(zip(names, changed)), new_state
+
+    def arithmetic(grads, state, params, skip):
+        delta, shrink, new_state = moments(grads, state, params)
+        names = list(delta)
+        base = [params[n] for n in names]
+        if shrink is not None:
+            base = fe.mul(base, shrink)
+        new_params = dict(zip(names, fe.add(base, [delta[n] for n in names])))
+        return unless_skipped(skip, new_params, new_state, params, state, names)
+
+    def fused_apply(grads, state, params, skip, in_place):
         """ATen's fused CPU Adam (see :mod:`fbrain.optim._fused`); None where it does not serve."""
         kernel = fused_kernel("_fused_adamw_" if decoupled_weight_decay else "_fused_adam_")
         names, g = ordered(grads)
@@ -122,7 +140,7 @@ def adam(
         nu_max = _fused.working_copies(state.nu_max, names, in_place) if amsgrad else []
         count = state.count + 1
         kernel(new_p, list(g), mu, nu, nu_max, [count.to(g[0].dtype)] * len(g),
-               lr=h["lr"].to(g[0].dtype), beta1=f["beta1"], beta2=f["beta2"],
+               lr=h["lr"], beta1=f["beta1"], beta2=f["beta2"],
                weight_decay=f.get("weight_decay", 0.0), eps=f["eps"],
                amsgrad=amsgrad, maximize=maximize, grad_scale=None, found_inf=skip.to(torch.float32))
         new_state = AdamState(
@@ -137,7 +155,7 @@ def adam(
     def apply(grads, state, params, skip, in_place=False):
         # One signature, two implementations: the fused kernel where it serves, else the arithmetic
         # of `update`. Which one runs depends on the optimizer and the values of its inputs only.
-        return fused(grads, state, params, skip, in_place) or apply_with_update(update, grads, state, params, skip)
+        return (fused and fused_apply(grads, state, params, skip, in_place)) or arithmetic(grads, state, params, skip)
 
     return GradientTransformation(init, update, apply=apply)
 
@@ -149,6 +167,7 @@ def adamw(
     weight_decay: hp.Hyperparam = 1e-2,
     amsgrad: bool = False,
     maximize: bool = False,
+    fused: bool = True,
 ) -> GradientTransformation:
     """``torch.optim.AdamW``: Adam with decoupled weight decay (default 1e-2, as in torch)."""
-    return adam(lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay=True)
+    return adam(lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay=True, fused=fused)

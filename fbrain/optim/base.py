@@ -103,10 +103,16 @@ def apply_with_update(update: Callable, grads: Updates, state: OptState, params:
     """The general ``apply``: ``update``, then :func:`apply_updates`, then a ``torch.where`` per tensor
     that keeps the old values where ``skip``."""
     updates, new_state = update(grads, state, params)
-    names = list(updates)
-    new_params = apply_updates({n: params[n] for n in names}, updates)
+    return unless_skipped(skip, apply_updates(params, updates), new_state, params, state, list(updates))
+
+
+def unless_skipped(skip: torch.Tensor, new_params: Params, new_state: OptState, params: Params,
+                   state: OptState, changed: list[str]) -> tuple[Params, OptState]:
+    """``(new_params, new_state)``, or ``(params, state)`` where the 0-dim ``skip`` is true: one
+    ``torch.where`` per tensor that may have changed (the ``changed`` parameters and the state)."""
     keep = ~skip
-    return {**params, **select(keep, new_params, {n: params[n] for n in names})}, select(keep, new_state, state)
+    return ({**params, **select(keep, {n: new_params[n] for n in changed}, {n: params[n] for n in changed})},
+            select(keep, new_state, state))
 
 
 def identity() -> GradientTransformation:

@@ -33,13 +33,17 @@ def _number(value):
 
 def _sgd(g):
     return sgd(lr=g["lr"], momentum=g["momentum"], dampening=g["dampening"],
-               weight_decay=g["weight_decay"], nesterov=g["nesterov"], maximize=g["maximize"])
+               weight_decay=g["weight_decay"], nesterov=g["nesterov"], maximize=g["maximize"],
+               fused=bool(g.get("fused")))
 
 
 def _adam(g, decoupled=False):
     return adam(lr=g["lr"], betas=tuple(_number(b) for b in g["betas"]), eps=g["eps"],
                 weight_decay=g["weight_decay"], amsgrad=g["amsgrad"], maximize=g["maximize"],
-                decoupled_weight_decay=decoupled or g.get("decoupled_weight_decay", False))
+                decoupled_weight_decay=decoupled or g.get("decoupled_weight_decay", False),
+                # The arithmetic torch.optim would run: its fused kernel only when asked for
+                # (on the CPU it otherwise runs single-tensor code, which rounds differently).
+                fused=bool(g.get("fused")))
 
 
 def _rmsprop(g):

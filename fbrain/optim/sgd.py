@@ -21,7 +21,7 @@ from fbrain.optim import hyperparams as hp
 from fbrain.optim import _foreach as fe
 from fbrain.optim import _fused
 from fbrain.optim._foreach import decayed_gradients, ordered
-from fbrain.optim.base import GradientTransformation, apply_with_update
+from fbrain.optim.base import GradientTransformation, unless_skipped
 from fbrain.torch_compat import fused_kernel
 
 
@@ -38,8 +38,12 @@ def sgd(
     weight_decay: hp.Hyperparam = 0.0,
     nesterov: bool = False,
     maximize: bool = False,
+    fused: bool = True,
 ) -> GradientTransformation:
     """``torch.optim.SGD`` as a pure transformation.
+
+    ``fused`` chooses between ATen's fused CPU kernel (where it serves) and torch.optim's default
+    arithmetic, bit for bit, as in :func:`fbrain.optim.adam`.
 
     A momentum buffer is kept only when ``momentum`` is given non-zero (or as a
     schedule); weight decay is applied only when given non-zero. Both choices
@@ -61,7 +65,10 @@ def sgd(
             hyperparams=hp.init(params, **schedules),
         )
 
-    def update(grads, state, params=None):
+    def direction(grads, state, params):
+        """torch.optim's single-tensor SGD up to its last line, rounding for rounding (its
+        ``add(..., alpha=)`` rounds a multiply-add once on the CPU): the direction ``d`` (the
+        step is ``params + d * step``), ``step`` (-lr), and the new state."""
         h = hp.current(state.hyperparams, schedules, state.count)
         x = hp.as_tensors(h, state.count.device)
         names, g = ordered(grads)
@@ -73,17 +80,21 @@ def sgd(
             first = state.count == 0
             mom = torch.where(first, torch.zeros_like(x["momentum"]), x["momentum"])
             keep = torch.where(first, torch.ones_like(x["dampening"]), 1 - x["dampening"])
-            buf = fe.mul([buffers[n] for n in names], hp.scalar(mom, g))
-            fe.add_(buf, fe.mul(g, hp.scalar(keep, g)))
+            buf = fe.addcmul(fe.mul([buffers[n] for n in names], hp.scalar(mom, g)), g, hp.scalar(keep, g))
             buffers = {**buffers, **dict(zip(names, buf))}
-            if nesterov:
-                g = fe.add(g, fe.mul(buf, hp.scalar(x["momentum"], g)))
-            else:
-                g = buf
-        updates = fe.mul(g, hp.scalar(-x["lr"], g))
-        return dict(zip(names, updates)), SGDState(state.count + 1, buffers, h)
+            g = fe.addcmul(g, buf, hp.scalar(x["momentum"], g)) if nesterov else buf
+        return names, g, hp.scalar(-x["lr"], g), SGDState(state.count + 1, buffers, h)
 
-    def fused(grads, state, params, skip, in_place):
+    def update(grads, state, params=None):
+        names, d, step, new_state = direction(grads, state, params)
+        return dict(zip(names, fe.mul(d, step))), new_state
+
+    def arithmetic(grads, state, params, skip):
+        names, d, step, new_state = direction(grads, state, params)
+        new_params = dict(zip(names, fe.addcmul([params[n] for n in names], d, step)))
+        return unless_skipped(skip, new_params, new_state, params, state, names)
+
+    def fused_apply(grads, state, params, skip, in_place):
         """ATen's fused CPU SGD (see :mod:`fbrain.optim._fused`); None where it does not serve."""
         kernel = fused_kernel("_fused_sgd_")
         names, g = ordered(grads)
@@ -99,7 +110,7 @@ def sgd(
         kernel(
             new_p, list(g), buffers,
             weight_decay=f.get("weight_decay", 0.0), momentum=f.get("momentum", 0.0),
-            lr=h["lr"].to(g[0].dtype), dampening=0.0, nesterov=nesterov, maximize=maximize,
+            lr=h["lr"], dampening=0.0, nesterov=nesterov, maximize=maximize,
             # Never the kernel's "first step" (buffer <- gradient): with the zero-initialised buffer
             # and no dampening, momentum * 0 + gradient is that same gradient, bit for bit, and
             # no host read of the count is needed to tell the first step apart.
@@ -110,7 +121,7 @@ def sgd(
         return {**params, **dict(zip(names, new_p))}, new_state
 
     def apply(grads, state, params, skip, in_place=False):
-        # The fused kernel where it serves, else the arithmetic of `update` (see adam's apply).
-        return fused(grads, state, params, skip, in_place) or apply_with_update(update, grads, state, params, skip)
+        # The fused kernel where it serves and is allowed, else torch's arithmetic (see adam's apply).
+        return (fused and fused_apply(grads, state, params, skip, in_place)) or arithmetic(grads, state, params, skip)
 
     return GradientTransformation(init, update, apply=apply)
