@@ -42,11 +42,11 @@ def rechecksum(data: bytearray) -> bytearray:
     return data
 
 
-def mutate(good: bytes, rng: random.Random) -> tuple[bytes, bool]:
-    """One damaged or crafted variant of the checkpoint ``good``, and whether its checksum was
-    recomputed (so it may be another valid file)."""
+def damaged(good: bytes, rng: random.Random) -> bytearray:
+    """``good`` with random damage: bit flips, a run of random bytes, a cut, or a splice of its
+    own bytes (any file format)."""
     data = bytearray(good)
-    kind = rng.randrange(6)
+    kind = rng.randrange(4)
     if kind == 0:
         for _ in range(rng.randint(1, 4)):
             data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
@@ -55,15 +55,24 @@ def mutate(good: bytes, rng: random.Random) -> tuple[bytes, bool]:
         data[at:at + rng.randint(1, 16)] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
     elif kind == 2:
         data = data[:rng.randrange(len(data))]
-    elif kind == 3:
+    else:
         at = rng.randrange(len(data))
         data = data[:at] + good[rng.randrange(len(good)):][:rng.randint(1, 64)] + data[at:]
-    elif kind == 4:  # damage the tree (the end of the file), then fix the checksum
+    return data
+
+
+def mutate(good: bytes, rng: random.Random) -> tuple[bytes, bool]:
+    """One damaged or crafted variant of the checkpoint ``good``, and whether its checksum was
+    recomputed (so it may be another valid file)."""
+    kind = rng.randrange(6)
+    if kind == 4:  # damage the tree (the end of the file), then fix the checksum
+        data = bytearray(good)
         at = len(data) - s.TRAILER_BYTES - rng.randint(1, 200)
         data[at] ^= 1 << rng.randrange(8)
         return bytes(rechecksum(data)), True
-    else:
+    if kind == 5:
         return crafted_bomb(rng), True
+    data = damaged(good, rng)
     forged = rng.random() < 0.5
     return bytes(rechecksum(data) if forged else data), forged
 

@@ -17,6 +17,7 @@ import yaml
 import fbrain
 from conftest import RegressionBrain, trees_equal
 from fbrain import checkpoint
+from fbrain.checkpoint import recoverables
 from fbrain.checkpoint import Checkpointer, mark_as_loader, mark_as_saver
 
 
@@ -50,7 +51,7 @@ def test_save_writes_speechbrains_layout_and_recover_restores_everything(tmp_pat
     saved = ckpt.save_checkpoint(meta={"loss": torch.tensor(0.25), "epoch": 2}, end_of_epoch=False)
     folder = os.path.basename(saved.path)
     assert folder.startswith("CKPT+") and sorted(os.listdir(saved.path)) == [
-        "CKPT.yaml", "counter.fbrain", "gen.fbrain", "model.fbrain"]
+        "CKPT.yaml", "counter.fbrain", "gen.fbrain", "model.ckpt"]
     with open(os.path.join(saved.path, "CKPT.yaml")) as f:
         meta = yaml.safe_load(f)  # SpeechBrain reads it as YAML
     assert meta["loss"] == 0.25 and meta["epoch"] == 2 and meta["end-of-epoch"] is False
@@ -64,12 +65,18 @@ def test_save_writes_speechbrains_layout_and_recover_restores_everything(tmp_pat
     assert torch.equal(torch.rand(3, generator=gen), expected_draw)
 
 
-def test_files_are_not_pickles(tmp_path):
-    ckpt, *_ = make(tmp_path)
+def test_module_files_are_torch_files_for_speechbrains_tools_and_the_rest_fbrains(tmp_path):
+    ckpt, model, *_ = make(tmp_path)
     saved = ckpt.save_checkpoint()
-    with pytest.raises(Exception):
-        torch.load(saved.paramfiles["model"], weights_only=True)
-    assert checkpoint.load(saved.paramfiles["model"])["weight"].shape == (2, 3)
+    # The module: what torch.load(weights_only=True) (SpeechBrain's average_checkpoints, Pretrainer)
+    # reads, and equal to the module's state_dict.
+    theirs = torch.load(saved.paramfiles["model"], weights_only=True)
+    assert trees_equal(dict(theirs), dict(model.state_dict()))
+    # Everything else: fbrain's format, never a pickle.
+    for name in ("counter", "gen"):
+        with pytest.raises(Exception):
+            torch.load(saved.paramfiles[name], weights_only=True)
+        checkpoint.load(saved.paramfiles[name])
 
 
 def test_keep_only_best_and_recent_and_find_by_keys(tmp_path):
@@ -374,7 +381,7 @@ def test_a_second_writer_waits_for_the_first_or_fails_naming_it(tmp_path, timeou
     assert [sorted(c.paramfiles) for c in found] == [["slow"] if outcome == "fails" else ["model"]]
     for c in found:  # every checkpoint left behind is complete and loads
         for path in c.paramfiles.values():
-            checkpoint.load(path)
+            recoverables.read_state_dict(path) if path.suffix == ".ckpt" else checkpoint.load(path)
     assert not [e for e in os.listdir(folder) if ".incomplete-" in e]
 
 

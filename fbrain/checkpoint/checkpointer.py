@@ -1,7 +1,8 @@
 """SpeechBrain's ``Checkpointer``: named recoverables saved together in ``CKPT+<time>`` folders.
 
 A checkpoint is a folder holding one file per recoverable (``<name>.fbrain`` in fbrain's msgpack
-format, never pickle; ``<name>.ckpt`` where a custom or SpeechBrain hook writes it) and a
+format, never pickle; ``<name>.ckpt`` for a module, in torch's format so SpeechBrain's tools read it,
+and where a custom or SpeechBrain hook writes it) and a
 ``CKPT.yaml`` metadata file (written as JSON, which YAML readers accept, with its own checksum).
 A folder is written under a temporary name and renamed when complete, so a crash mid-save leaves
 no folder that looks like a checkpoint; the leftovers are ignored and removed later. When the
@@ -40,6 +41,7 @@ from typing import Any, Callable
 import torch
 
 from fbrain import distributed
+from fbrain.checkpoint import torch_files
 from fbrain.checkpoint.files import fsync_dir
 from fbrain.checkpoint.reading import is_fbrain_file, verify_file
 from fbrain.checkpoint.recoverables import (  # noqa: F401 - mark_as_*: also importable from here
@@ -275,11 +277,13 @@ class Checkpointer:
             if not os.path.isfile(path):
                 raise CheckpointError(f"{path}: not a regular file")
             try:
-                fbrain_file = is_fbrain_file(path)
+                fbrain_file, zip_file = is_fbrain_file(path), torch_files.is_torch_zip(path)
             except OSError as err:
                 raise CheckpointError(f"{path}: cannot be read ({err})") from None
             if fbrain_file:
                 verify_file(path)
+            elif zip_file:
+                torch_files.verify(path)
 
     def load_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Load every recoverable from ``checkpoint``, or (raising the error) change none."""

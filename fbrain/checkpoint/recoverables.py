@@ -1,9 +1,11 @@
 """How one recoverable is saved and loaded, and how a checkpoint's recoverables load together.
 
 A recoverable is saved by what it is: its own marked saver (fbrain's ``mark_as_saver`` or
-SpeechBrain's), a ``torch.Generator``, or anything with a ``state_dict()``. The file's name says its
-format: ``<name>.fbrain`` when fbrain writes it (msgpack, checksummed, never pickle), ``<name>.ckpt``
-when a SpeechBrain hook or a custom hook does.
+SpeechBrain's), a ``torch.Generator``, a module, or anything with a ``state_dict()``. The file's
+name says its format: ``<name>.fbrain`` in fbrain's own (msgpack, checksummed, never pickle);
+``<name>.ckpt`` for a module, whose state_dict is written in torch's format (checksummed records,
+read with ``weights_only=True``; :mod:`fbrain.checkpoint.torch_files`) so SpeechBrain's tools and
+``torch.load`` read it, and for whatever a SpeechBrain hook or a custom hook writes.
 
 Loading is a transaction. Each recoverable is first *prepared*: its file read and checked against
 the object (a module's parameter names and shapes, the Brain's whole TrainState), changing nothing.
@@ -20,7 +22,7 @@ Example::
     >>> path = os.path.join(folder, recoverables.file_name("model", model, None))
     >>> recoverables.default_save(model, path)
     >>> os.path.basename(path)
-    'model.fbrain'
+    'model.ckpt'
     >>> recoverables.load_all({"model": (model, path, None)}, end_of_epoch=True, allow_partial=False)
 """
 
@@ -35,12 +37,14 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from fbrain.checkpoint import torch_files
 from fbrain.checkpoint.files import load, save
+from fbrain.checkpoint.reading import is_fbrain_file
 
 log = logging.getLogger(__name__)
 
 FBRAIN_SUFFIX = ".fbrain"  # fbrain's own format
-OTHER_SUFFIX = ".ckpt"  # whatever a custom or SpeechBrain hook writes (SpeechBrain's name)
+OTHER_SUFFIX = ".ckpt"  # SpeechBrain's name: modules in torch's format, or what a custom / SpeechBrain hook writes
 SUFFIXES = (FBRAIN_SUFFIX, OTHER_SUFFIX)
 
 
@@ -96,10 +100,11 @@ def _marked(obj: Any, flags: tuple[str, ...]):
 
 
 def file_name(name: str, obj: Any, custom_save_hook: Callable | None) -> str:
-    """The file a recoverable is saved to: ``.fbrain`` when fbrain's own code writes it."""
-    foreign = custom_save_hook is not None or (
-        _marked(obj, ("_fbrain_saver",)) is None and _marked(obj, ("_speechbrain_saver",)) is not None)
-    return name + (OTHER_SUFFIX if foreign else FBRAIN_SUFFIX)
+    """The file a recoverable is saved to: ``.fbrain`` when fbrain's own format holds it."""
+    if custom_save_hook is not None or _marked(obj, ("_fbrain_saver",)) is None and (
+            _marked(obj, ("_speechbrain_saver",)) is not None or isinstance(obj, torch.nn.Module)):
+        return name + OTHER_SUFFIX
+    return name + FBRAIN_SUFFIX
 
 
 def default_save(obj: Any, path: str) -> None:
@@ -110,6 +115,8 @@ def default_save(obj: Any, path: str) -> None:
         return saver(path)
     if isinstance(obj, torch.Generator):
         return save(path, {"generator_state": obj.get_state()})
+    if isinstance(obj, torch.nn.Module):
+        return torch_files.save(path, obj.state_dict())
     if hasattr(obj, "state_dict"):
         return save(path, obj.state_dict())
     raise TypeError(f"cannot checkpoint a {type(obj).__name__}: give it @mark_as_saver/@mark_as_loader "
@@ -124,8 +131,14 @@ class Prepared(NamedTuple):
     checked: bool
 
 
+def read_state_dict(path: str) -> Any:
+    """A module's state_dict from ``path``, verified: torch's format (what fbrain writes since 0.3,
+    and SpeechBrain always) or fbrain's own (fbrain 0.1 and 0.2), told apart by the content."""
+    return load(path) if is_fbrain_file(path) else torch_files.load_state_dict(path)
+
+
 def _module_apply(module: torch.nn.Module, path: str, allow_partial: bool) -> Callable[[], None]:
-    state = load(path)
+    state = read_state_dict(path)
     if not isinstance(state, dict):
         raise TypeError(f"{path}: expected a module's state_dict, got a {type(state).__name__}")
     own = module.state_dict()

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from fbrain.checkpoint import torch_files
 from fbrain.checkpoint.checkpointer import META_FILE
 from fbrain.checkpoint.checkpointer import PREFIX as CKPT_PREFIX
 from fbrain.checkpoint.serialization import CheckpointError
@@ -132,16 +133,6 @@ def _is_torch_file(path: str) -> bool:
     return head == b"PK" or head[:1] == b"\x80"
 
 
-def _torch_load(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 -- torch raises several kinds; all mean "not readable safely"
-        raise CheckpointError(
-            f"{path}: cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); only tensors and plain values are imported, "
-            "nothing that would run code") from None
-
-
 def _kind(content) -> str:
     if isinstance(content, dict):
         if "state" in content and "param_groups" in content:
@@ -173,7 +164,7 @@ class _Files:
                 continue
             stem = entry[:-len(SUFFIX)]
             if _is_torch_file(path):
-                content = _torch_load(path)
+                content = torch_files.load(path)
                 kind = _kind(content)
                 if kind == "other":
                     self.ignored.append(entry)
