@@ -32,6 +32,18 @@ from fbrain.checkpoint import Checkpointer
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # ``import fbrain as sb`` recipes: sb.dataio, sb.utils, sb.nnet ... are SpeechBrain's packages
+    # seen through fbrain (fbrain's objects where it has them), loaded on first use.
+    import importlib
+
+    speechbrain_names = importlib.import_module("fbrain.speechbrain_names")  # not `from fbrain import`: that calls this
+    if name in speechbrain_names.PACKAGES:
+        return speechbrain_names.namespace(name)
+    raise AttributeError(f"module 'fbrain' has no attribute {name!r}")
+
+
 __all__ = [
     "Counters", "DynamicLossScale", "EvalStep", "distributed", "functional", "LossScaleState", "TrainState", "TrainStep",
     "MicroBatches", "UpdateRule", "apply_gradients", "apply_module", "ensemble_step", "make_eval_step", "make_train_step", "micro_batches",

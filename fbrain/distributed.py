@@ -15,6 +15,7 @@ Example (inside a process group; see tests/test_distributed.py for a torchrun la
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 
 import torch
@@ -89,17 +90,49 @@ def barrier() -> None:
         dist.barrier()
 
 
+def if_main_process() -> bool:
+    """SpeechBrain's name for :func:`is_main_process`."""
+    return is_main_process()
+
+
+def ddp_barrier() -> None:
+    """SpeechBrain's name for :func:`barrier`."""
+    barrier()
+
+
+def ddp_broadcast(value, src: int = 0):
+    """``value`` as rank ``src`` holds it, on every rank (itself outside a distributed run)."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def main_process_only(function):
+    """Decorator: ``function`` runs on rank 0 only; every rank gets its result (SpeechBrain's).
+
+    Example::
+
+        >>> @main_process_only
+        ... def write_manifest():
+        ...     return "written"
+        >>> write_manifest()
+        'written'
+    """
+    @functools.wraps(function)
+    def on_main(*args, **kwargs):
+        return ddp_broadcast(function(*args, **kwargs) if is_main_process() else None)
+    return on_main
+
+
 def run_on_main(func, args=None, kwargs=None, post_func=None, post_args=None, post_kwargs=None,
                 run_post_on_main=False):
     """SpeechBrain's ``run_on_main``: ``func`` on rank 0 only (data preparation, folder creation),
     then a barrier, then ``post_func`` (if any) on the other ranks (on every rank with
     ``run_post_on_main``). Returns ``func``'s result on every rank (rank 0 sends it to the others).
     Outside a distributed run it simply calls ``func`` (and ``post_func`` with ``run_post_on_main``)."""
-    result = func(*(args or ()), **(kwargs or {})) if is_main_process() else None
-    if active():
-        box = [result]
-        dist.broadcast_object_list(box, src=0)
-        result = box[0]
+    result = ddp_broadcast(func(*(args or ()), **(kwargs or {})) if is_main_process() else None)
     barrier()
     if post_func is not None:
         if run_post_on_main or not is_main_process():
