@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -109,6 +111,43 @@ def test_run_options_priority_and_defaults():
 def test_unknown_run_option_is_an_error_naming_it():
     with pytest.raises(ValueError, match="max_grad_nrom"):
         RegressionBrain({"model": linear()}, run_opts={"max_grad_nrom": 1.0})
+
+
+def test_run_options_from_the_environment_sit_between_the_command_line_and_hparams(monkeypatch):
+    # For fbrain's own options in a script that parses with SpeechBrain's parse_arguments.
+    monkeypatch.setenv("FBRAIN_RUN_OPTS", "ema_decay=0.999, max_grad_norm=2.5 nonfinite_patience=7")
+    brain = RegressionBrain({"model": linear()}, hparams={"max_grad_norm": 9.0, "nonfinite_patience": 1},
+                           run_opts={"nonfinite_patience": 4})
+    assert (brain.ema_decay, brain.max_grad_norm, brain.nonfinite_patience) == (0.999, 2.5, 4)
+    monkeypatch.setenv("FBRAIN_RUN_OPTS", "ema_decy=0.9")
+    with pytest.raises(ValueError, match=r"\$FBRAIN_RUN_OPTS: unknown run option\(s\) \['ema_decy'\]"):
+        RegressionBrain({"model": linear()})
+    for bad in ("compile_steps", "ema_decay=[1, 2]", "x" * 20_000):
+        monkeypatch.setenv("FBRAIN_RUN_OPTS", bad)
+        with pytest.raises(ValueError, match="FBRAIN_RUN_OPTS"):
+            RegressionBrain({"model": linear()})
+
+
+@pytest.mark.speechbrain
+def test_an_unchanged_script_parsing_with_speechbrain_gets_fbrains_options_from_the_environment(tmp_path):
+    (tmp_path / "hp.yaml").write_text("lr: 0.1\n")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        from speechbrain import parse_arguments
+        from hyperpyyaml import load_hyperpyyaml
+        import fbrain
+        from conftest import RegressionBrain
+        hparams_file, run_opts, overrides = parse_arguments([{str(tmp_path / "hp.yaml")!r}, "--max_grad_norm=3"])
+        with open(hparams_file) as f:
+            hparams = load_hyperpyyaml(f, overrides)
+        brain = RegressionBrain({{"model": torch.nn.Linear(4, 1)}}, hparams=hparams, run_opts=run_opts)
+        print(brain.compile_steps, brain.ema_decay, brain.max_grad_norm)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "FBRAIN_RUN_OPTS": "compile_steps=true ema_decay=0.99"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "0.99", "3.0"]
 
 
 def test_parse_arguments_types_and_switching_flags_off():

@@ -1,4 +1,11 @@
-"""Run options: SpeechBrain's names and defaults, resolved command line > hparams > defaults.
+"""Run options: SpeechBrain's names and defaults, resolved command line > ``$FBRAIN_RUN_OPTS`` >
+hparams > defaults.
+
+fbrain's own options (``compile_steps``, ``ema_decay`` ...) go on the command line of a script that
+parses with fbrain's ``parse_arguments``. A script that parses with SpeechBrain's (unchanged but
+for its Brain) would take them for YAML overrides and fail ("Override not found"): give them in
+the YAML, in ``run_opts``, or in the environment, e.g.
+``FBRAIN_RUN_OPTS="compile_steps=true ema_decay=0.999" python train.py train.yaml``.
 
 Example::
 
@@ -10,7 +17,11 @@ Example::
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any, Mapping
+
+import yaml
 
 from fbrain import precision as _precision
 
@@ -119,18 +130,59 @@ def _overridden(run_opts: Any) -> dict[str, Any]:
     return dict(run_opts)
 
 
-def resolve_run_options(run_opts: Any = None, hparams: Mapping | None = None) -> dict[str, Any]:
-    """Every run option: ``run_opts`` (the command line) > ``hparams`` > :data:`DEFAULTS`.
+ENVIRONMENT = "FBRAIN_RUN_OPTS"
+_ENV_ITEM = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
-    An unknown name in ``run_opts`` is a ``ValueError``; hparams may hold anything (only the
-    entries named like run options are read).
+
+def environment_run_options(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The run options in ``$FBRAIN_RUN_OPTS``: ``name=value`` items separated by spaces or commas,
+    each value a YAML scalar (``true``, ``0.999``, ``null``, ``fp16``).
+
+    Example::
+
+        >>> environment_run_options({"FBRAIN_RUN_OPTS": "compile_steps=true, ema_decay=0.999"})
+        {'compile_steps': True, 'ema_decay': 0.999}
     """
-    given = _overridden(run_opts)
+    text = environ.get(ENVIRONMENT, "")
+    if len(text) > 10_000:
+        raise ValueError(f"${ENVIRONMENT}: {len(text)} characters; expected a few name=value items")
+    options = {}
+    for item in re.split(r"[\s,]+", text.strip()):
+        if not item:
+            continue
+        match = _ENV_ITEM.match(item)
+        if match is None:
+            raise ValueError(f"${ENVIRONMENT}: expected name=value items (e.g. compile_steps=true), got {item!r}")
+        name, raw = match.groups()
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"${ENVIRONMENT}: {name}: expected a single value, got {raw!r}")
+        options[name] = value
+    return options
+
+
+def _check_names(given: Mapping[str, Any], where: str) -> None:
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
-        raise ValueError(
-            f"run_opts: unknown run option(s) {unknown}; known options: {', '.join(sorted(DEFAULTS))}"
-        )
+        raise ValueError(f"{where}: unknown run option(s) {unknown}; known options: {', '.join(sorted(DEFAULTS))}")
+
+
+def resolve_run_options(run_opts: Any = None, hparams: Mapping | None = None,
+                        environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Every run option: ``run_opts`` (the command line) > ``$FBRAIN_RUN_OPTS`` > ``hparams`` >
+    :data:`DEFAULTS`.
+
+    An unknown name in ``run_opts`` or the environment is a ``ValueError``; hparams may hold
+    anything (only the entries named like run options are read).
+    """
+    from_environment = environment_run_options(environ)
+    _check_names(from_environment, f"${ENVIRONMENT}")
+    command_line = _overridden(run_opts)
+    _check_names(command_line, "run_opts")
+    given = {**from_environment, **command_line}
     hparams = hparams or {}
     resolved = {}
     for name, default in DEFAULTS.items():
