@@ -31,9 +31,20 @@ def torch_run(twin, opt_class, data):
     return opt
 
 
-@pytest.mark.parametrize("opt_class", [lambda p: torch.optim.Adam(p, lr=1e-2),
-                                       lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
-                                       lambda p: torch.optim.RMSprop(p, lr=1e-3)], ids=["adam", "sgd", "rmsprop"])
+OPTIMIZERS = {
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "sgd": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3),
+    # The adaptive twins (fbrain.optim.adaptive) keep their buffers under torch's own keys.
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2, initial_accumulator_value=0.1),
+    "adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=2e-3),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=2e-3),
+    "radam": lambda p: torch.optim.RAdam(p, lr=1e-3),
+}
+
+
+@pytest.mark.parametrize("opt_class", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
 def test_state_dict_has_torchs_shape_and_values(opt_class):
     brain, twin, data = setup(opt_class)
     brain.fit(range(1), data, train_loader_kwargs={"batch_size": None})
@@ -64,6 +75,20 @@ def test_load_state_dict_round_trips_and_takes_torchs_own():
     with pytest.raises(fbrain.checkpoint.CheckpointError, match="momentum_buffer"):
         brain.optimizer.load_state_dict(torch_run(twin, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
                                                   data).state_dict())
+
+
+@pytest.mark.parametrize("name", ["adagrad", "adadelta", "adamax", "nadam", "radam"])
+def test_the_adaptive_twins_load_torchs_state_dict_and_give_it_back(name):
+    opt_class = OPTIMIZERS[name]
+    brain, twin, data = setup(opt_class)
+    brain.fit(range(1), data[:1], train_loader_kwargs={"batch_size": None})
+    theirs = torch_run(twin, opt_class, data).state_dict()
+    brain.optimizer.load_state_dict(theirs)
+    ours = brain.optimizer.state_dict()
+    assert sorted(ours["state"]) == sorted(theirs["state"])
+    for i, entry in theirs["state"].items():
+        assert sorted(ours["state"][i]) == sorted(entry)
+        assert all(torch.equal(ours["state"][i][k], v) for k, v in entry.items()), (i, entry)
 
 
 class AddsItsOptimizer(RegressionBrain):

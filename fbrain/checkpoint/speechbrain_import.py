@@ -52,6 +52,27 @@ _PER_PARAM = {
     "SGDState": {"momentum_buffer": "momentum_buffer"},
     "RMSpropState": {"square_avg": "square_avg", "grad_avg": "grad_avg", "momentum_buffer": "momentum_buffer"},
 }
+SUPPORTED = "Adam, AdamW, SGD, RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam"
+
+
+def _torch_slots(sub) -> dict[str, dict[str, torch.Tensor]] | None:
+    """An fbrain optimizer state's per-parameter tensors under torch.optim's state keys
+    (``{"exp_avg": {param name: tensor}, ...}``, new dicts), or None for a state torch has no form of.
+    The adaptive twins (:class:`~fbrain.optim.AdaptiveState`) keep their buffers under torch's keys."""
+    kind = type(sub).__name__
+    if kind == "AdaptiveState":
+        return {key: dict(tensors) for key, tensors in sub.slots.items()}
+    mapping = _PER_PARAM.get(kind)
+    return None if mapping is None else {key: dict(getattr(sub, field)) for key, field in mapping.items()}
+
+
+def _with_torch_slots(sub, slots: dict[str, dict[str, torch.Tensor]]):
+    """``sub`` with the per-parameter tensors ``slots`` (as :func:`_torch_slots` names them)."""
+    if type(sub).__name__ == "AdaptiveState":
+        return sub._replace(slots=slots)
+    return sub._replace(**{field: slots[key] for key, field in _PER_PARAM[type(sub).__name__].items()})
+
+
 _PAIRS = {"betas": ("beta1", "beta2")}
 
 
@@ -265,10 +286,9 @@ def _group_names(torch_state: dict, names_in_order: list[str], path: str) -> lis
 def _fill_sub_state(sub, torch_state: dict, group: dict, names: list[str], index_of: dict, path: str,
                     label: str, optimizer_step: int | None):
     kind = type(sub).__name__
-    mapping = _PER_PARAM.get(kind)
-    if mapping is None:
-        raise CheckpointError(f"{path}: cannot import into an fbrain {kind} (supported: Adam, AdamW, SGD, RMSprop)")
-    fields = {f: dict(getattr(sub, f)) for f in set(mapping.values())}
+    slots = _torch_slots(sub)
+    if slots is None:
+        raise CheckpointError(f"{path}: cannot import into an fbrain {kind} (supported: {SUPPORTED})")
     steps = set()
     missing_state = []
     for name in names:
@@ -281,19 +301,18 @@ def _fill_sub_state(sub, torch_state: dict, group: dict, names: list[str], index
             if key == "step":
                 steps.add(int(value))
                 continue
-            field = mapping.get(key)
-            if field is None:
+            if key not in slots:
                 raise CheckpointError(f"{where}: fbrain's {kind} has nothing for {key!r}; was this checkpoint made "
                                       "by another optimizer class?")
             if value is None:  # SGD without momentum keeps momentum_buffer None
                 continue
-            if name not in fields[field]:
-                raise CheckpointError(f"{where}: the fbrain optimizer keeps no {field!r} for it (built with other "
+            if name not in slots[key]:
+                raise CheckpointError(f"{where}: the fbrain optimizer keeps no {key!r} for it (built with other "
                                       "options: amsgrad / centered / momentum?)")
-            _copy_into(fields[field], name, value, where)
-        for field_key, field in mapping.items():
-            if name in fields[field] and field_key not in entry and field_key != "momentum_buffer":
-                raise CheckpointError(f"{path}: state of {name!r}: {field_key!r} missing, the fbrain {kind} needs it")
+            _copy_into(slots[key], name, value, where)
+        for key, tensors in slots.items():
+            if name in tensors and key not in entry and key != "momentum_buffer":
+                raise CheckpointError(f"{path}: state of {name!r}: {key!r} missing, the fbrain {kind} needs it")
     if missing_state and len(missing_state) < len(names):
         log.warning("%s: no optimizer state for %s (never updated in SpeechBrain); starting them from zero",
                     path, missing_state)
@@ -307,7 +326,7 @@ def _fill_sub_state(sub, torch_state: dict, group: dict, names: list[str], index
         count = max(int(optimizer_step or 1), 1)
     else:
         count = 0
-    new = sub._replace(count=torch.full_like(sub.count, count), **fields)
+    new = _with_torch_slots(sub, slots)._replace(count=torch.full_like(sub.count, count))
     # The group's hyperparameters as SpeechBrain last set them (schedulers change the lr).
     known = get_hyperparams(new)
     values = {}
@@ -326,8 +345,8 @@ def _substate_for(opt_state, names: list[str], path: str):
     if isinstance(opt_state, dict):
         for label, sub in opt_state.items():
             if hasattr(sub, "_fields"):
-                dicts = [getattr(sub, f) for f in sub._fields if isinstance(getattr(sub, f), dict) and f != "hyperparams"]
-                if any(names[0] in d for d in dicts):
+                slots = _torch_slots(sub) or {}
+                if any(names[0] in d for d in slots.values()):
                     return label, sub
     raise CheckpointError(f"{path}: found no optimizer state here for parameter {names[0]!r}; import into a Brain, "
                           "or give a TrainState built with the same optimizer")
@@ -358,18 +377,20 @@ def export_optimizer(opt_state, labels: list[str], names_per_group: list[list[st
     for label, names, group in zip(labels, names_per_group, param_groups):
         sub = opt_state[label]
         kind = type(sub).__name__
-        mapping = _PER_PARAM.get(kind)
-        if mapping is None:
-            raise TypeError(f"optimizer state_dict: an fbrain {kind} has no torch.optim form (supported: Adam, "
-                            "AdamW, SGD, RMSprop); checkpoint brain.state (the TrainState) instead")
+        slots = _torch_slots(sub)
+        if slots is None:
+            raise TypeError(f"optimizer state_dict: an fbrain {kind} has no torch.optim form (supported: {SUPPORTED}); "
+                            "checkpoint brain.state (the TrainState) instead")
         ids = list(range(index, index + len(names)))
         index += len(names)
         count = int(sub.count)
+        # torch keeps no state for a parameter it never stepped, except Adagrad (its sums start at
+        # initial_accumulator_value) and SGD (a momentum buffer of None).
+        kept_unstepped = kind == "AdaptiveState" and "sum" in slots
         for i, name in zip(ids, names):
-            entry = {key: getattr(sub, field)[name].detach().clone()
-                     for key, field in mapping.items() if name in getattr(sub, field)}
-            if count == 0 or not entry and kind != "SGDState":
-                continue  # torch keeps no state for a parameter it never stepped
+            entry = {key: tensors[name].detach().clone() for key, tensors in slots.items() if name in tensors}
+            if (count == 0 and not kept_unstepped) or not entry and kind != "SGDState":
+                continue
             if kind != "SGDState":
                 entry["step"] = torch.tensor(float(count))
             state[i] = entry
