@@ -337,7 +337,9 @@ def test_a_tampered_metadata_file_makes_its_checkpoint_damaged_never_newest(tmp_
     meta["unixtime"] += 10_000_000  # one changed digit pinned an old checkpoint as newest
     json.dump(meta, open(meta_path, "w"))
     assert ckpt.list_checkpoints() == []  # damaged: not a checkpoint
-    second = ckpt.save_and_keep_only(num_to_keep=1)
+    assert ckpt.save_and_keep_only(num_to_keep=1) is None  # as SpeechBrain's
+    second = ckpt.find_checkpoint()
+    assert second is not None and second.path != first.path
     assert [c.path for c in ckpt.list_checkpoints()] == [second.path]  # the new one is never deleted
     garbled = os.path.join(second.path, "CKPT.yaml")
     open(garbled, "w").write("{not json")

@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 from fbrain import checkpoint
-from fbrain.checkpoint.recoverables import mark_as_loader, mark_as_preparer, mark_as_saver
+from fbrain.checkpoint.recoverables import mark_as_loader, mark_as_preparer, mark_as_saver, register_with_speechbrain
 
 
 class EpochCounter:
@@ -29,6 +29,8 @@ class EpochCounter:
             raise ValueError(f"EpochCounter: limit must be an int >= 0, got {limit!r}")
         self.current = 0
         self.limit = limit
+        # SpeechBrain's own Checkpointer (a recipe's YAML may make one) saves it with its hooks.
+        register_with_speechbrain(EpochCounter)
 
     def __iter__(self):
         while self.current < self.limit:

@@ -204,8 +204,9 @@ class Checkpointer:
 
     def save_and_keep_only(self, meta=None, end_of_epoch=True, name=None, num_to_keep=1, keep_recent=True,
                            importance_keys=None, max_keys=None, min_keys=None, ckpt_predicate=None,
-                           verbosity=logging.INFO) -> Checkpoint:
-        """Save, then delete the checkpoints that are neither among the best nor the most recent."""
+                           verbosity=logging.INFO) -> None:
+        """Save, then delete the checkpoints that are neither among the best nor the most recent.
+        Returns None, as SpeechBrain's does (``find_checkpoint`` gives the one saved)."""
         saved = self.save_checkpoint(meta=meta, end_of_epoch=end_of_epoch, name=name, verbosity=verbosity)
         keys = list(importance_keys or [])
         if keep_recent:
@@ -215,7 +216,6 @@ class Checkpointer:
                                 # keep_recent: the checkpoint just written is the recent one, whatever
                                 # another folder's (possibly tampered) time says.
                                 _keep=None if saved is None or not keep_recent else saved.path)
-        return saved
 
     # -- finding -----------------------------------------------------------------------------------
 

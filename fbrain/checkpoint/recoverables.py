@@ -71,7 +71,8 @@ def register_with_speechbrain(*classes: type) -> None:
     if module is None:
         return
     for cls in classes:
-        module.register_checkpoint_hooks(cls)
+        if cls not in getattr(module, "DEFAULT_SAVE_HOOKS", {}):
+            module.register_checkpoint_hooks(cls)
 
 
 def mark_as_preparer(method: Callable) -> Callable:
