@@ -188,12 +188,55 @@ class SeededShuffleSampler(Sampler[int]):
         return len(self.data_source)
 
 
+class ShardedBatchSampler(Sampler[list]):
+    """One rank's share of a batch sampler's batches under torchrun: batches ``rank``,
+    ``rank + world``, ``rank + 2 * world`` ... of each epoch's list.
+
+    Any batch sampler (SpeechBrain's ``DynamicBatchSampler`` included) is sharded: every rank builds
+    the same list of batches for the epoch (the wrapped sampler's ``set_epoch`` is forwarded, so its
+    own seeded shuffle agrees across ranks), so no example is seen by two ranks. Every rank gets the
+    same number of steps: when the batches do not divide evenly the list is padded by repeating its
+    first batches (SpeechBrain's ``DistributedSamplerWrapper`` does the same), or, with
+    ``drop_last=True``, the remainder is dropped.
+
+    Example::
+
+        >>> sampler = ShardedBatchSampler([[0, 1], [2], [3, 4], [5]], num_replicas=2, rank=1)
+        >>> list(sampler), len(sampler)
+        ([[2], [5]], 2)
+    """
+
+    def __init__(self, batch_sampler, num_replicas: int, rank: int, drop_last: bool = False):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"ShardedBatchSampler: rank {rank} outside 0..{num_replicas - 1}")
+        self.batch_sampler, self.num_replicas, self.rank, self.drop_last = batch_sampler, num_replicas, rank, drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+
+    def _steps(self, total: int) -> int:
+        return total // self.num_replicas if self.drop_last else -(-total // self.num_replicas)
+
+    def __iter__(self):
+        batches = list(self.batch_sampler)
+        steps = self._steps(len(batches))
+        if not batches:
+            return iter([])
+        padded = (batches * (1 + (steps * self.num_replicas) // len(batches)))[:steps * self.num_replicas]
+        return iter(padded[self.rank::self.num_replicas])
+
+    def __len__(self) -> int:
+        return self._steps(len(self.batch_sampler))
+
+
 def make_dataloader(dataset: Any, *, train: bool = False, seed: int = 0, sorting: str | None = None,
                     **loader_kwargs) -> tuple[DataLoader, Any]:
     """``(loader, train_sampler)`` with SpeechBrain's semantics and a private random stream.
 
     For ``train`` loaders ``shuffle=True`` becomes a :class:`SeededShuffleSampler` (or a
-    ``DistributedSampler`` in a distributed run); other loaders never shuffle unless given a
+    ``DistributedSampler`` in a distributed run; a ``batch_sampler`` is sharded across the ranks by
+    :class:`ShardedBatchSampler`); other loaders never shuffle unless given a
     sampler. In a distributed run the shards shuffle only when asked (``shuffle=True``, or the
     recipe's ``sorting`` is "random"); "ascending"/"descending" sorting keeps the order (SpeechBrain
     shuffles the shards unless ``sorting`` says otherwise, whatever ``shuffle`` says). The collate is :class:`PaddedBatch` for datasets :func:`wants_padded_batch` accepts
@@ -206,7 +249,10 @@ def make_dataloader(dataset: Any, *, train: bool = False, seed: int = 0, sorting
     sampler = None
     shuffle = kwargs.pop("shuffle", False)
     if train and not isinstance(dataset, IterableDataset):
-        if _distributed.joined() and kwargs.get("batch_sampler") is None:
+        if _distributed.joined() and kwargs.get("batch_sampler") is not None:
+            sampler = ShardedBatchSampler(kwargs["batch_sampler"], _distributed.world_size(None), _distributed.rank())
+            kwargs["batch_sampler"] = sampler
+        elif _distributed.joined():
             if kwargs.get("sampler") is not None:
                 raise ValueError("make_dataloader: a custom sampler cannot be combined with a distributed run here")
             if sorting in ("ascending", "descending"):

@@ -126,6 +126,27 @@ def main_process_only(function):
     return on_main
 
 
+class RankMismatchError(RuntimeError):
+    """The ranks of a distributed run disagree on something they must share (e.g. steps per epoch)."""
+
+
+def agree_on_count(count: int | None, what: str) -> None:
+    """Under torchrun, check that every rank has the same ``count`` of ``what`` (e.g. the train
+    batches of an epoch, known before it starts), so no rank waits in a collective the others never
+    reach or pairs its steps with another epoch's. Raises :class:`RankMismatchError` naming each
+    rank's count; a no-op outside a distributed run."""
+    if not active():
+        return
+    counts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, count)
+    if len(set(counts)) > 1:
+        listed = ", ".join(f"rank {r}: {c if c is not None else 'unknown (no len())'}" for r, c in enumerate(counts))
+        raise RankMismatchError(
+            f"the ranks disagree on the number of {what} ({listed}); every rank must take the same number of "
+            "steps. Let fbrain shard the data (a dataset or a batch_sampler, not a DataLoader built per rank), "
+            "or give each rank's loader the same length")
+
+
 def run_on_main(func, args=None, kwargs=None, post_func=None, post_args=None, post_kwargs=None,
                 run_post_on_main=False):
     """SpeechBrain's ``run_on_main``: ``func`` on rank 0 only (data preparation, folder creation),

@@ -77,15 +77,16 @@ def test_brain_under_torchrun_equals_one_process_on_the_combined_batch(tmp_path)
     assert max(abs(a - b) for a, b in zip(ddp_losses, one_losses)) <= 1e-6
 
 
-def test_brain_killed_and_resumed_under_torchrun_is_bitwise_identical(tmp_path):
-    torchrun(tmp_path / "straight", 4, "--dropout", script=BRAIN_SCRIPT)
+@pytest.mark.parametrize("data", [[], ["--batch-sampler"]], ids=["sampler", "batch-sampler"])
+def test_brain_killed_and_resumed_under_torchrun_is_bitwise_identical(tmp_path, data):
+    torchrun(tmp_path / "straight", 4, "--dropout", *data, script=BRAIN_SCRIPT)
     start = time.monotonic()
-    killed = torchrun(tmp_path / "resumed", 4, "--dropout", "--kill-at-step", 2, script=BRAIN_SCRIPT,
+    killed = torchrun(tmp_path / "resumed", 4, "--dropout", "--kill-at-step", 2, *data, script=BRAIN_SCRIPT,
                       expect_ok=False)
     assert killed.returncode != 0
     assert time.monotonic() - start < 120  # the surviving rank stopped; nothing hung
     assert not (tmp_path / "resumed" / "rank0.fbrain").exists()
-    torchrun(tmp_path / "resumed", 4, "--dropout", script=BRAIN_SCRIPT)
+    torchrun(tmp_path / "resumed", 4, "--dropout", *data, script=BRAIN_SCRIPT)
     for rank in (0, 1):
         assert trees_equal(checkpoint.load(tmp_path / "resumed" / f"rank{rank}.fbrain"),
                            checkpoint.load(tmp_path / "straight" / f"rank{rank}.fbrain"))

@@ -579,6 +579,9 @@ class Brain:
         shown = None if self._train_loss.custom else self._train_loss
         last_report = time.monotonic()
         train_set = skip_batches(train_set, self.step)  # batches already trained on before a restart
+        # Under torchrun every rank must take the same number of steps: checked before the first one.
+        _distributed.agree_on_count(len(train_set) if hasattr(train_set, "__len__") else None,
+                                    f"train batches in epoch {epoch}")
         self._intra_epoch.restart()
         try:
             with tqdm(train_set, initial=self.step, dynamic_ncols=True, disable=not enable,

@@ -1,6 +1,7 @@
 """Launched by tests/test_distributed.py: fbrain.Brain under torchrun (or alone, for the reference).
 
-usage: ddp_brain.py OUT_DIR PER_RANK_BATCH [--dropout] [--kill-at-step N | --signal-at-step N | --every-3-steps]
+usage: ddp_brain.py OUT_DIR PER_RANK_BATCH [--dropout] [--batch-sampler]
+                   [--kill-at-step N | --signal-at-step N | --every-3-steps]
 
 Trains an MLP with dropout for 2 epochs on 32 examples (shuffle=False, so the shards are
 interleaved and one process with a batch of WORLD x PER_RANK_BATCH sees the same examples per
@@ -9,6 +10,8 @@ TrainState) and, on rank 0, OUT_DIR/losses.txt. With kill-at-step N, rank 0 SIGK
 its N-th step of epoch 2. With signal-at-step N, rank 1 alone sends itself SIGTERM after its N-th
 step of epoch 2, and intra-epoch checkpoints come every 3 steps (as with --every-3-steps, which
 gives the same arithmetic without a signal). --dropout puts a Dropout(0.3) in the model.
+--batch-sampler gives fit a batch_sampler (batches of PER_RANK_BATCH in order), which fbrain shards
+across the ranks.
 """
 
 import os
@@ -52,7 +55,11 @@ counter = fbrain.EpochCounter(2)
 checkpointer = checkpoint.Checkpointer(os.path.join(out_dir, "ckpts"), {"counter": counter})
 brain = Regression({"model": model}, lambda p: torch.optim.Adam(p, lr=1e-2),
                    run_opts={"ckpt_interval_steps": interval, "noprogressbar": True}, checkpointer=checkpointer)
-brain.fit(counter, data, train_loader_kwargs={"batch_size": batch_size, "shuffle": False})
+if "--batch-sampler" in options:
+    loader_kwargs = {"batch_sampler": torch.utils.data.BatchSampler(range(len(data)), batch_size, drop_last=False)}
+else:
+    loader_kwargs = {"batch_size": batch_size, "shuffle": False}
+brain.fit(counter, data, train_loader_kwargs=loader_kwargs)
 checkpoint.save(os.path.join(out_dir, f"rank{fbrain.distributed.rank()}.fbrain"), brain.state)
 fbrain.distributed.barrier()
 
