@@ -242,7 +242,9 @@ class EvalStep(_RandomnessFromState):
 
     @staticmethod
     def _with_key(result, key):
-        return result  # evaluation returns no state: the key's advance is dropped
+        # Evaluation returns no state; the advanced key comes back as metrics["rng"], so a caller
+        # evaluating many batches continues one random stream: state.replace(rng=metrics["rng"]).
+        return {**result, "rng": key}
 
     def pure(self, state: TrainState, batch: Any) -> dict:
         with torch.no_grad(), autocast(self.precision, device_of(state.params)), compiled_dropout.when_compiling():

@@ -628,3 +628,23 @@ def test_an_epoch_cut_short_by_an_error_starts_afresh_at_the_next_fit():
     brain.seen = 0
     brain.fit(range(1), regression_data(10), train_loader_kwargs={"batch_size": 2})
     assert brain.seen == 5  # every batch, none skipped as if resumed
+
+
+def test_every_eval_batch_draws_fresh_random_numbers_from_the_states_key():
+    # fbrain 0.2 dropped the eval step's advanced key: every batch of a stage drew the same numbers
+    # (SpeechBrain draws fresh ones; the enhancement template adds noise to its valid batches).
+    class Noisy(RegressionBrain):
+        draws: list = []
+
+        def compute_forward(self, batch, stage):
+            if stage != sb.Stage.TRAIN:
+                Noisy.draws.append(float(torch.rand(())))
+            return super().compute_forward(batch, stage)
+
+    brain = Noisy({"model": linear()}, run_opts={"noprogressbar": True})
+    data = [(torch.randn(2, 4), torch.randn(2, 1)) for _ in range(3)]
+    brain.evaluate(data, test_loader_kwargs={"batch_size": None})
+    first, Noisy.draws = Noisy.draws, []
+    brain.evaluate(data, test_loader_kwargs={"batch_size": None})
+    assert len(set(first)) == 3  # fresh numbers for each batch
+    assert Noisy.draws == first  # and a function of the state: the same stage draws the same

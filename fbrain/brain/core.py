@@ -156,6 +156,7 @@ class Brain:
         self._profiler: TrainingProfiler | None = None  # profile_training, while fit runs
         #: With ``eval_with_ema``: the averaged weights while a valid or test stage runs (else None).
         self.eval_params = None
+        self.eval_rng = None  # during an eval stage: the key its next batch draws from
         if checkpointer is not None and hasattr(checkpointer, "add_recoverable") and \
                 "brain" not in getattr(checkpointer, "recoverables", {}):
             # SpeechBrain's own Checkpointer (a recipe's YAML may make one) finds hooks by class.
@@ -626,6 +627,7 @@ class Brain:
         # eval_with_ema: the averaged weights, found once per stage, sit in the modules for the
         # whole stage (an overridden evaluate_batch uses them) and go to the default eval step.
         self.eval_params = optim.ema_params(self.state.opt_state) if self.eval_with_ema else None
+        self.eval_rng = self.state.rng  # the stage's random stream starts from the state's key
         weights = swapped(self.modules, self.eval_params, strict=False) if self.eval_params is not None \
             else contextlib.nullcontext()
         with torch.no_grad(), weights:
@@ -639,7 +641,7 @@ class Brain:
                     mean.add(loss)
                 if self.debug and self.step == self.debug_batches:
                     break
-        self.step, self.eval_params = 0, None
+        self.step, self.eval_params, self.eval_rng = 0, None, None
         return avg if custom else mean.value()
 
     def _fit_valid(self, valid_set, epoch, enable):

@@ -95,9 +95,14 @@ class DefaultSteps:
         if self._eval is None:
             self._eval = make_eval_step(self.eval_loss_fn, precision=brain.eval_precision)
         self._eval_stage = stage
-        state = brain.state
+        # One random stream per stage, from the state's key (SpeechBrain draws fresh numbers for
+        # every batch; each batch starting from the state's own key would repeat the same draws).
+        state = brain.state.replace(rng=brain.eval_rng if brain.eval_rng is not None else brain.state.rng)
         if brain.eval_params is not None:  # eval_with_ema: the averaged weights for this stage
             state = state.replace(params={**state.params, **brain.eval_params})
         if brain.compile_steps:
-            return self._compiler("eval")(self._eval, state, batch)["loss"].detach()
-        return self._eval(state, batch)["loss"].detach()
+            metrics = self._compiler("eval")(self._eval, state, batch)
+        else:
+            metrics = self._eval(state, batch)
+        brain.eval_rng = metrics["rng"]
+        return metrics["loss"].detach()
