@@ -138,12 +138,15 @@ def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path):
     assert found.path == older.path and counter.value == 1
 
 
-def test_partial_load_and_missing_files(tmp_path):
+def test_a_recoverable_added_after_the_checkpoints_were_written_is_an_error_naming_it(tmp_path):
+    # A file missing from a checkpoint that saved it is damage (recovery falls back: the next test);
+    # a recoverable no checkpoint saved is new, and falling back to nothing would silently restart
+    # the run (fbrain 0.2 did; SpeechBrain raises).
     ckpt, model, *_ = make(tmp_path)
     ckpt.save_checkpoint()
     bigger = Checkpointer(ckpt.checkpoints_dir, {"model": model, "extra": torch.nn.Linear(1, 1)})
-    with pytest.warns(UserWarning, match="no file for recoverable 'extra'"):
-        assert bigger.recover_if_possible() is None
+    with pytest.raises(checkpoint.CheckpointError, match=r"recoverable\(s\) \['extra'\].*allow_partial_load"):
+        bigger.recover_if_possible()
     partial = Checkpointer(ckpt.checkpoints_dir, {"model": model, "extra": torch.nn.Linear(1, 1)},
                            allow_partial_load=True)
     assert partial.recover_if_possible() is not None
@@ -545,3 +548,4 @@ def test_speechbrains_own_checkpointer_saves_and_resumes_an_fbrain_brain_bit_for
     run("resumed", 4, "resumed.fbrain")
     assert trees_equal(checkpoint.load(tmp_path / "resumed.fbrain"), checkpoint.load(tmp_path / "straight.fbrain"))
     assert not trees_equal(checkpoint.load(tmp_path / "half.fbrain"), checkpoint.load(tmp_path / "straight.fbrain"))
+

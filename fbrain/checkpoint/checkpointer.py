@@ -129,6 +129,7 @@ class Checkpointer:
         self.custom_load_hooks: dict[str, Callable] = {}
         self.custom_save_hooks: dict[str, Callable] = {}
         self.allow_partial_load = allow_partial_load
+        self._saved_names: dict[pathlib.Path, frozenset] = {}  # checkpoint folder -> recoverables it saved
         for name, obj in (recoverables or {}).items():
             self.add_recoverable(name, obj, (custom_save_hooks or {}).get(name),
                                  (custom_load_hooks or {}).get(name))
@@ -188,8 +189,11 @@ class Checkpointer:
                 paramfiles[key] = path
             full_meta = {**(meta or {}), "end-of-epoch": end_of_epoch, "unixtime": time.time()}
             full_meta = json.loads(json.dumps(full_meta, default=_json_number))  # as it will read back
+            # The names saved, under the checksum: a file missing later is damage, a recoverable not
+            # named was added after this checkpoint (see _refuse_a_recoverable_no_checkpoint_has).
+            stored = {**full_meta, RECOVERABLES_KEY: sorted(paramfiles)}
             with open(os.path.join(tmp, META_FILE), "w") as f:
-                json.dump({**full_meta, CHECKSUM_KEY: meta_checksum(full_meta)}, f, indent=1)
+                json.dump({**stored, CHECKSUM_KEY: meta_checksum(stored)}, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
             fsync_dir(tmp)
@@ -235,6 +239,9 @@ class Checkpointer:
                 # Checkpoints of fbrain 0.1 have no checksum; any other must match.
                 if stored is not None and stored != meta_checksum(meta):
                     raise ValueError("checksum mismatch: changed after it was written")
+                saved_names = meta.pop(RECOVERABLES_KEY, None)  # fbrain 0.3 on
+                if saved_names is not None:
+                    self._saved_names[path] = frozenset(map(str, saved_names))
             except (OSError, ValueError) as err:
                 log.warning("ignoring %s: its %s is damaged or unreadable (%s)", path, META_FILE, err)
                 continue
@@ -299,7 +306,9 @@ class Checkpointer:
         Every file of a checkpoint is verified before any recoverable changes (a damaged file,
         a missing one, a directory where a file should be), and a checkpoint whose files verify
         but do not fit the recoverables (another model) changes none of them either."""
-        for checkpoint in self.find_checkpoints(importance_key, max_key, min_key, ckpt_predicate):
+        candidates = self.find_checkpoints(importance_key, max_key, min_key, ckpt_predicate)
+        self._refuse_a_recoverable_no_checkpoint_has(candidates)
+        for checkpoint in candidates:
             try:
                 self.verify_checkpoint(checkpoint)
             except CheckpointError as err:
@@ -315,6 +324,21 @@ class Checkpointer:
             log.info("recovered from %s", checkpoint.path)
             return checkpoint
         return None
+
+    def _refuse_a_recoverable_no_checkpoint_has(self, candidates: list[Checkpoint]) -> None:
+        """A file missing from one checkpoint is damage (recovery falls back to an older one); a
+        recoverable that *no* checkpoint has a file for was added after they were written, and
+        falling back would silently restart the run: an error naming it (as SpeechBrain raises)."""
+        if not candidates or self.allow_partial_load:
+            return
+        # Only checkpoints that record what they saved can tell (fbrain 0.1 and 0.2's cannot: damage).
+        missing = [key for key in self.recoverables
+                   if all(key not in c.paramfiles and key not in self._saved_names.get(c.path, {key}) for c in candidates)]
+        if missing:
+            raise CheckpointError(
+                f"{self.checkpoints_dir}: no checkpoint has a file for recoverable(s) {missing} (added after the "
+                f"checkpoints were written?); pass allow_partial_load=True to the Checkpointer to recover the "
+                "others and keep these as they are, or remove them from the recoverables")
 
     # -- deleting ----------------------------------------------------------------------------------
 
@@ -356,6 +380,7 @@ class Checkpointer:
 
 
 CHECKSUM_KEY = "fbrain-checksum"
+RECOVERABLES_KEY = "fbrain-recoverables"
 
 
 def meta_checksum(meta: dict) -> int:
