@@ -41,6 +41,7 @@ from fbrain import rng as _rng
 from fbrain.batches import micro_batches, structure
 from fbrain.compiling import compile_pure
 from fbrain.distributed import mean_across_ranks
+from fbrain.sharding import sharded_apply_gradients
 from fbrain.gradients import loss_and_grads, per_example_loss_and_grads, split_loss
 from fbrain.loss_scale import DynamicLossScale
 from fbrain.optim import _foreach as fe
@@ -92,7 +93,7 @@ class TrainStep(_RandomnessFromState):
     kind = "train"
 
     def __init__(self, loss_fn: Callable, rule: UpdateRule, *, accumulation: int = 1, per_example: bool = False,
-                 process_group=None):
+                 process_group=None, shard_optimizer_state: bool = False):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a function (params, buffers, batch, rng) -> loss, got {loss_fn!r}")
         if not (isinstance(accumulation, int) and accumulation >= 1):
@@ -104,6 +105,10 @@ class TrainStep(_RandomnessFromState):
         # Per-example steps clip each example's gradient (in `gradients`), not their mean.
         self._apply_rule = rule.replace(max_grad_norm=None) if self.per_example else rule
         self.process_group = process_group
+        if shard_optimizer_state and (process_group is None or per_example):
+            raise ValueError("shard_optimizer_state: needs a process_group (the ranks sharing the state), "
+                             "and is not available with per_example steps")
+        self.shard_optimizer_state = bool(shard_optimizer_state)
         self._batch_spec = None
         self._trainable: dict = {}  # parameter names -> those the optimizer does not freeze
 
@@ -133,6 +138,11 @@ class TrainStep(_RandomnessFromState):
         # correctly (see fbrain.compiled_dropout).
         with compiled_dropout.when_compiling():
             loss, grads, buffers, aux = self.gradients(state, batch)
+            if self.shard_optimizer_state:
+                # Each rank updates its slice of every parameter (see fbrain.sharding).
+                new_state, metrics, loss = sharded_apply_gradients(state, grads, loss, self._apply_rule,
+                                                                   self.process_group, buffers)
+                return new_state, {**aux, **metrics, "loss": loss}
             if self.process_group is not None:
                 # One collective per step, after the local micro-batches: all ranks then agree bit for bit.
                 grads, loss = mean_across_ranks(grads, loss, self.process_group)
@@ -196,6 +206,7 @@ def make_train_step(
     loss_scale: DynamicLossScale = DynamicLossScale(),
     donate_state: bool = False,
     process_group=None,
+    shard_optimizer_state: bool = False,
 ) -> TrainStep:
     """A pure ``train_step(state, batch) -> (state, metrics)``.
 
@@ -216,13 +227,17 @@ def make_train_step(
             parameters and moments per step. Off by default: the step is then pure.
         process_group: a ``torch.distributed`` group: gradients and loss are averaged over its
             ranks inside the step (one flat all-reduce per step; see :mod:`fbrain.distributed`).
+        shard_optimizer_state: with ``process_group``, each rank keeps and updates 1/N of the
+            optimizer state (ZeRO; :mod:`fbrain.sharding`): give the step a state made by
+            ``fbrain.sharding.shard_state``.
 
     Metrics: ``loss``, ``grad_norm`` (before clipping), ``skipped``, ``loss_scale`` (fp16),
     per-example entries with ``per_example``, and the loss function's aux entries; all tensors.
     """
     rule = UpdateRule(optimizer, max_grad_norm=max_grad_norm, precision=precision, loss_scale=loss_scale,
                       donate=bool(donate_state))
-    return TrainStep(loss_fn, rule, accumulation=accumulation, per_example=per_example, process_group=process_group)
+    return TrainStep(loss_fn, rule, accumulation=accumulation, per_example=per_example, process_group=process_group,
+                     shard_optimizer_state=shard_optimizer_state)
 
 
 class EvalStep(_RandomnessFromState):

@@ -118,6 +118,7 @@ def apply_gradients(
     buffers: dict[str, torch.Tensor] | None = None,
     scaled: bool = True,
     update_loss_scale: bool = True,
+    grad_norm: torch.Tensor | None = None,
 ) -> tuple[TrainState, dict]:
     """The state after one step with ``grads`` (name -> gradient, the trainable parameters).
 
@@ -132,13 +133,16 @@ def apply_gradients(
             already divided them on the imperative path).
         update_loss_scale: under fp16, grow or back off the loss scale here (the imperative path
             does it in ``scaler.update()``, with :func:`next_loss_scale`).
+        grad_norm: the global norm of the (unscaled) gradients, when ``grads`` are one rank's shard
+            of them (:mod:`fbrain.sharding` computes it across the ranks); else computed here.
 
     Returns ``(new_state, metrics)``; metrics: ``grad_norm`` (before clipping), ``skipped`` and,
     under fp16, ``loss_scale`` (the scale the gradients were computed with).
     """
     if rule.fp16 and scaled:
         grads = unscale(grads, state.scaler)
-    grad_norm = global_norm(list(grads.values())) if grads else torch.zeros((), device=device_of(state.params))
+    if grad_norm is None:
+        grad_norm = global_norm(list(grads.values())) if grads else torch.zeros((), device=device_of(state.params))
     # x - x is 0 for a finite x and NaN otherwise, and a NaN survives the sum: one comparison checks both.
     finite = is_finite(grad_norm) if loss is None else (grad_norm - grad_norm) + (loss - loss) == 0
     if found_inf is not None:
