@@ -146,3 +146,28 @@ def test_run_on_main_returns_the_result_on_every_rank(tmp_path):
     assert [r["result"] for r in ranks] == [{"made by": 0}, {"made by": 0}]
     assert [r["everywhere"] for r in ranks] == [7, 7]
     assert ranks[0]["posts"] == ["everywhere"] and ranks[1]["posts"] == ["post", "everywhere"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_with_a_c10d_rendezvous_train_as_one_node_with_two_ranks(tmp_path):
+    # Two torchrun processes, one "node" each, meeting at a c10d rendezvous on 127.0.0.1: what
+    # `srun torchrun --nnodes=2 ...` starts on a cluster.
+    torchrun(tmp_path / "one-node", 4, script=BRAIN_SCRIPT)
+    port, out = free_port(), tmp_path / "two-nodes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=fbrain-test", str(BRAIN_SCRIPT), str(out), "4"]
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    for rank in (0, 1):
+        assert trees_equal(checkpoint.load(out / f"rank{rank}.fbrain"),
+                           checkpoint.load(tmp_path / "one-node" / f"rank{rank}.fbrain"))
