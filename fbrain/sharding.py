@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from fbrain.optim import _foreach as fe
+from fbrain.optim.base import frozen_names
 from fbrain.state import TrainState
 from fbrain.torch_compat import funcol
 from fbrain.update import UpdateRule, apply_gradients, unscale
@@ -141,20 +142,32 @@ def _zip_trees(trees: list[Any]) -> Any:
 
 def shard_state(state: TrainState, optimizer, group) -> TrainState:
     """``state`` with its optimizer state cut to this rank's shard (the parameters stay whole)."""
-    from fbrain.optim.base import frozen_names
+    return state.replace(opt_state=shard_opt_state(state.opt_state, _trainable_layout(state, optimizer, group)))
 
+
+def _trainable_layout(state: TrainState, optimizer, group) -> ShardLayout:
     frozen = frozen_names(optimizer, state.params)
-    layout = group_layout(state.params, [n for n in state.params if n not in frozen], group)
-    return state.replace(opt_state=shard_opt_state(state.opt_state, layout))
+    return group_layout(state.params, [n for n in state.params if n not in frozen], group)
+
+
+def whole_shaped(state: TrainState, optimizer, group) -> TrainState:
+    """``state`` (sharded) with each per-parameter optimizer tensor replaced by an empty one of the
+    whole parameter's shape: the template a whole optimizer state (a checkpoint) is read into."""
+    layout = _trainable_layout(state, optimizer, group)
+    shapes, chunks = dict(zip(layout.names, layout.shapes)), dict(zip(layout.names, layout.chunks))
+
+    def grow(name, leaf):
+        if isinstance(leaf, torch.Tensor) and leaf.shape == (chunks[name],):
+            return leaf.new_empty(shapes[name])
+        return leaf
+
+    return state.replace(opt_state=_per_parameter(state.opt_state, frozenset(layout.names), grow))
 
 
 def gather_opt_state(state: TrainState, optimizer, group) -> TrainState:
     """``state`` with the whole optimizer state, gathered from every rank's shard (a collective:
     every rank of ``group`` calls it; each gets the whole state)."""
-    from fbrain.optim.base import frozen_names
-
-    frozen = frozen_names(optimizer, state.params)
-    layout = group_layout(state.params, [n for n in state.params if n not in frozen], group)
+    layout = _trainable_layout(state, optimizer, group)
     gathered: list = [None] * layout.world
     dist.all_gather_object(gathered, state.opt_state, group=group)
     return state.replace(opt_state=unshard_opt_state(gathered, layout))

@@ -648,3 +648,10 @@ def test_every_eval_batch_draws_fresh_random_numbers_from_the_states_key():
     brain.evaluate(data, test_loader_kwargs={"batch_size": None})
     assert len(set(first)) == 3  # fresh numbers for each batch
     assert Noisy.draws == first  # and a function of the state: the same stage draws the same
+
+
+def test_sharded_optimizer_state_refuses_what_it_cannot_serve():
+    with pytest.raises(ValueError, match="shard_optimizer_state and ema_decay"):
+        RegressionBrain({"model": linear()}, run_opts={"shard_optimizer_state": True, "ema_decay": 0.99})
+    brain = RegressionBrain({"model": linear()}, run_opts={"shard_optimizer_state": True})
+    assert brain.shard_group is None  # one process: nothing to shard, the option does nothing

@@ -60,3 +60,36 @@ def test_the_layout_cuts_and_joins_every_per_parameter_tensor():
             assert torch.equal(back.slots[key][name], state.slots[key][name])
     whole = sharding.unshard([sharding.shard(params, layout) for layout in layouts], layouts[0])
     assert all(torch.equal(whole[n], params[n]) for n in ("w", "b"))
+
+
+BRAIN_SCRIPT = REPO / "tests" / "scripts" / "ddp_brain.py"
+
+
+def brain_run(out, *args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    done = subprocess.run([sys.executable, *launcher, str(BRAIN_SCRIPT), str(out), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_brain_with_sharded_state_resumes_on_another_number_of_ranks(tmp_path):
+    from fbrain import checkpoint
+    from fbrain.tree import tree_leaves
+    from conftest import max_abs_diff
+
+    brain_run(tmp_path / "replicated", 4, "--epochs", 3)
+    brain_run(tmp_path / "sharded", 4, "--epochs", 3, "--shard")
+    # 2 ranks -> 1 process (the same global batch of 8) -> 2 ranks, resuming from the checkpoints,
+    # which hold the whole optimizer state whatever the number of ranks that saved them.
+    brain_run(tmp_path / "resharded", 4, "--epochs", 1, "--shard")
+    brain_run(tmp_path / "resharded", 8, "--epochs", 2, nproc=1)
+    brain_run(tmp_path / "resharded", 4, "--epochs", 3, "--shard")
+    replicated = checkpoint.load(tmp_path / "replicated" / "rank0.fbrain")
+    for run in ("sharded", "resharded"):
+        for rank in (0, 1):
+            state = checkpoint.load(tmp_path / run / f"rank{rank}.fbrain")
+            assert int(state.counters.optimizer_step) == int(replicated.counters.optimizer_step) == 12
+            assert max_abs_diff(state.params, replicated.params) <= 1e-5, run
+            pairs = zip(tree_leaves(state.opt_state), tree_leaves(replicated.opt_state))
+            assert max(float((a - b).abs().max()) for a, b in pairs if a.is_floating_point()) <= 1e-5, run

@@ -46,6 +46,7 @@ from fbrain import data as _data
 from fbrain import optim
 from fbrain import checkpoint as _checkpoint
 from fbrain import distributed as _distributed
+from fbrain import sharding
 from fbrain.brain.binding import Binding
 from fbrain.brain.checkpointing import INTRA_EPOCH_FLAG, IntraEpochSchedule, skip_batches
 from fbrain.brain.contexts import PrecisionContext
@@ -157,6 +158,7 @@ class Brain:
         #: With ``eval_with_ema``: the averaged weights while a valid or test stage runs (else None).
         self.eval_params = None
         self.eval_rng = None  # during an eval stage: the key its next batch draws from
+        self._whole_for_save = None  # shard_optimizer_state: the gathered state rank 0 saves next
         if checkpointer is not None and hasattr(checkpointer, "add_recoverable") and \
                 "brain" not in getattr(checkpointer, "recoverables", {}):
             # SpeechBrain's own Checkpointer (a recipe's YAML may make one) finds hooks by class.
@@ -185,9 +187,28 @@ class Brain:
         self._steps.clear()
         tx = layout.transformation()
         if self._state is None:
-            self.state = TrainState.create(self.modules, tx, seed=self.seed, loss_scale=self._imperative.rule.loss_scale)
+            state = TrainState.create(self.modules, tx, seed=self.seed, loss_scale=self._imperative.rule.loss_scale)
         else:
-            self.state = self._state.replace(opt_state=tx.init(self._state.params))
+            state = self._state.replace(opt_state=tx.init(self._state.params))
+        self.state = self._sharded(state)
+
+    @property
+    def shard_group(self):
+        """The process group sharing the optimizer state (``shard_optimizer_state`` under torchrun),
+        else None."""
+        return torch.distributed.group.WORLD if self.shard_optimizer_state and _distributed.active() else None
+
+    def _sharded(self, state: TrainState) -> TrainState:
+        """``state`` (whole optimizer state) as this Brain keeps it: this rank's shard when sharded."""
+        group = self.shard_group
+        return state if group is None else sharding.shard_state(state, self._layout.transformation(), group)
+
+    def _fbrain_before_save(self) -> None:
+        """Called on every rank before fbrain's Checkpointer saves (rank 0 writes): a sharded optimizer
+        state is gathered whole, so the checkpoint fits any number of ranks."""
+        group = self.shard_group
+        if group is not None and self._state is not None:
+            self._whole_for_save = sharding.gather_opt_state(self._state, self._layout.transformation(), group)
 
     def ensure_state(self) -> TrainState:
         """``brain.state`` and the optimizer views, made now if they are not yet (``fit`` does this
@@ -206,8 +227,15 @@ class Brain:
     def _save(self, path):
         """The Brain's checkpoint file: its TrainState and where the epoch stands (the running loss
         exactly, pending losses included)."""
+        state = self.state
+        if self.shard_group is not None:
+            state, self._whole_for_save = self._whole_for_save, None
+            if state is None:
+                raise _checkpoint.CheckpointError(
+                    f"{path}: a Brain with shard_optimizer_state is saved by fbrain's Checkpointer (which gathers the "
+                    "shards from every rank first); use fbrain.Checkpointer in place of SpeechBrain's")
         _checkpoint.save(path, {
-            "state": self.state, "step": self.step, "optimizer_step": self.optimizer_step,
+            "state": state, "step": self.step, "optimizer_step": self.optimizer_step,
             "train_loss": self._train_loss.mean.record(),
             "nonfinite_base": self._nonfinite_base, "nonfinite_extra": self._nonfinite_extra,
             "nonfinite_checked": self._nonfinite_checked,
@@ -229,7 +257,11 @@ class Brain:
             saved = saved.replace(opt_state=self._layout.upgrade(saved.opt_state))
         # Strict where it matters: the saved state must fit the modules and optimizers we have (and
         # lands on their devices).
-        state = _checkpoint.restore(saved, self._state, device=self.device if self._state is None else None)
+        template = self._state
+        if template is not None and self.shard_group is not None:  # checkpoints hold the whole state
+            template = sharding.whole_shaped(template, self._layout.transformation(), self.shard_group)
+        state = _checkpoint.restore(saved, template, device=self.device if self._state is None else None)
+        state = self._sharded(state)  # for this run's ranks, however many saved it
         train_loss = None if end_of_epoch else _checkpoint.restore(record["train_loss"], device=self.device)
         if train_loss is not None and not (isinstance(train_loss, dict) and RunningMean.RECORD <= train_loss.keys()):
             raise _checkpoint.CheckpointError(f"{path}: the running loss's record is damaged")
@@ -530,6 +562,9 @@ class Brain:
                                              **dict(valid_loader_kwargs))
         self.on_fit_start()
         self.ensure_state()
+        if self.shard_group is not None and type(self).fit_batch is not Brain.fit_batch:
+            raise ValueError(f"run option shard_optimizer_state: {type(self).__name__} overrides fit_batch; sharded "
+                             "optimizer state works with the default fit_batch (the pure step) only")
         enable = (not self.noprogressbar) if progressbar is None else bool(progressbar)
         enable = enable and _distributed.is_main_process()  # one progress bar per run, not per rank
         self._profiler = None

@@ -73,7 +73,8 @@ class DefaultSteps:
                 self.train_loss_fn, layout.transformation(key[1]), max_grad_norm=brain.max_grad_norm,
                 precision=brain.precision, accumulation=key[0], loss_scale=self.loss_scale,
                 donate_state=brain.donate_state,
-                process_group=torch.distributed.group.WORLD if _distributed.active() else None)
+                process_group=torch.distributed.group.WORLD if _distributed.active() else None,
+                shard_optimizer_state=brain.shard_group is not None)
         return self._train[key]
 
     def train(self, layout, active: frozenset | None, batches: list):

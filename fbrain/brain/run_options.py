@@ -47,6 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "compile_using_fullgraph": False,
     # fbrain's own: compile the default fit_batch's and evaluate_batch's whole pure steps.
     "compile_steps": False,
+    # fbrain's own: under torchrun, each rank keeps and updates 1/N of the optimizer state (ZeRO).
+    "shard_optimizer_state": False,
     # fbrain's own: an exponential moving average of the weights (optim.with_ema around every
     # optimizer), and evaluation with the averaged weights.
     "ema_decay": None,
@@ -98,6 +100,7 @@ HELP = {
     "compile_mode": "torch.compile mode",
     "compile_using_fullgraph": "torch.compile with fullgraph=True",
     "compile_steps": "torch.compile the whole train and eval steps (forward, backward, clipping, update)",
+    "shard_optimizer_state": "under torchrun, keep and update 1/N of the optimizer state on each rank (ZeRO)",
     "ema_decay": "keep an exponential moving average of the weights with this decay (e.g. 0.999)",
     "eval_with_ema": "evaluate (valid and test) with the averaged weights of ema_decay",
     "profile_training": "profile the first profile_warmup + profile_steps training steps with torch.profiler, "
@@ -219,6 +222,9 @@ def validate(opts: dict[str, Any]) -> None:
     ema = opts["ema_decay"]
     if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema <= 1):
         raise ValueError(f"run option ema_decay: expected a number in [0, 1] or None, got {ema!r}")
+    if opts["shard_optimizer_state"] and opts["ema_decay"] is not None:
+        raise ValueError("run options shard_optimizer_state and ema_decay: the averaged weights would be sharded "
+                         "too, and evaluation needs them whole; use one of the two")
     if opts["eval_with_ema"] and ema is None and not opts["test_only"]:
         raise ValueError("run option eval_with_ema: needs ema_decay (e.g. 0.999), the decay of the average "
                          "to evaluate with")

@@ -167,6 +167,11 @@ class Checkpointer:
         In a distributed run only rank 0 writes (the others get None); every rank waits until it
         is written, so all can read it afterwards.
         """
+        for obj in self.recoverables.values():
+            # On every rank: a recoverable sharded across the ranks gathers itself for rank 0 to write.
+            before_save = getattr(obj, "_fbrain_before_save", None)
+            if callable(before_save):
+                before_save()
         if not distributed.is_main_process():
             distributed.barrier()
             return None

@@ -1,6 +1,6 @@
 """Launched by tests/test_distributed.py: fbrain.Brain under torchrun (or alone, for the reference).
 
-usage: ddp_brain.py OUT_DIR PER_RANK_BATCH [--dropout] [--batch-sampler]
+usage: ddp_brain.py OUT_DIR PER_RANK_BATCH [--dropout] [--batch-sampler] [--epochs N] [--shard]
                    [--kill-at-step N | --signal-at-step N | --every-3-steps]
 
 Trains an MLP with dropout for 2 epochs on 32 examples (shuffle=False, so the shards are
@@ -11,7 +11,8 @@ its N-th step of epoch 2. With signal-at-step N, rank 1 alone sends itself SIGTE
 step of epoch 2, and intra-epoch checkpoints come every 3 steps (as with --every-3-steps, which
 gives the same arithmetic without a signal). --dropout puts a Dropout(0.3) in the model.
 --batch-sampler gives fit a batch_sampler (batches of PER_RANK_BATCH in order), which fbrain shards
-across the ranks.
+across the ranks. --epochs N trains N epochs (default 2); --shard keeps the optimizer state sharded
+(run option shard_optimizer_state).
 """
 
 import os
@@ -51,16 +52,20 @@ class Regression(fbrain.Brain):
 
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(dropout), torch.nn.Linear(16, 2))
-counter = fbrain.EpochCounter(2)
+counter = fbrain.EpochCounter(int(options[options.index("--epochs") + 1]) if "--epochs" in options else 2)
 checkpointer = checkpoint.Checkpointer(os.path.join(out_dir, "ckpts"), {"counter": counter})
 brain = Regression({"model": model}, lambda p: torch.optim.Adam(p, lr=1e-2),
-                   run_opts={"ckpt_interval_steps": interval, "noprogressbar": True}, checkpointer=checkpointer)
+                   run_opts={"ckpt_interval_steps": interval, "noprogressbar": True,
+                             "shard_optimizer_state": "--shard" in options}, checkpointer=checkpointer)
 if "--batch-sampler" in options:
     loader_kwargs = {"batch_sampler": torch.utils.data.BatchSampler(range(len(data)), batch_size, drop_last=False)}
 else:
     loader_kwargs = {"batch_size": batch_size, "shuffle": False}
 brain.fit(counter, data, train_loader_kwargs=loader_kwargs)
-checkpoint.save(os.path.join(out_dir, f"rank{fbrain.distributed.rank()}.fbrain"), brain.state)
+state = brain.state
+if brain.shard_group is not None:  # the whole optimizer state, to compare with replicated runs
+    state = fbrain.sharding.gather_opt_state(state, brain._layout.transformation(), brain.shard_group)
+checkpoint.save(os.path.join(out_dir, f"rank{fbrain.distributed.rank()}.fbrain"), state)
 fbrain.distributed.barrier()
 
 # Every result is written. torch 2.13's CPU build once aborted a rank while the interpreter tore
