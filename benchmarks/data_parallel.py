@@ -1,12 +1,14 @@
 """Data-parallel scaling: one process against N torchrun ranks on the same global batch.
 
-    python -m benchmarks.data_parallel [--ranks 2] [--steps 30] [--workload convtasnet-small]
+    python -m benchmarks.data_parallel [--ranks 2] [--steps 30] [--workload convtasnet-small] [--sharded]
 
 Runs the pure train step of a suite workload (default: the small Conv-TasNet) once in a single
 process with every core, then under ``torchrun --nproc_per_node=N`` with the cores split between
 the ranks, each rank on its 1/N of the same global batch (gloo on CPU, nccl on CUDA). Prints
 milliseconds per step (median of the timed steps) and the speed-up; the final losses of the two
-runs are printed too (they agree to float rounding: the ranks average their gradients).
+runs are printed too (they agree to float rounding: the ranks average their gradients). With
+``--sharded`` the N ranks also run with sharded optimizer state (``shard_optimizer_state``), and a
+table gives, per rank: step time, optimizer-state megabytes, and peak resident memory.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import torch
 WORKER = "--worker"
 
 
-def worker(workload_name: str, steps: int, batch_scale: int) -> None:
+def worker(workload_name: str, steps: int, batch_scale: int, sharded: bool = False) -> None:
+    import resource
+
     import fbrain
-    from fbrain import optim
+    from fbrain import optim, sharding
     from fbrain.functional import call_with
     from benchmarks.workloads import WORKLOADS
 
@@ -42,7 +46,11 @@ def worker(workload_name: str, steps: int, batch_scale: int) -> None:
         loss, new_buffers = call_with(model, params, buffers, workload.loss, batch)
         return loss, {"buffers": new_buffers}
 
-    step = fbrain.make_train_step(loss_fn, opt, process_group=group)
+    step = fbrain.make_train_step(loss_fn, opt, process_group=group, shard_optimizer_state=sharded)
+    if sharded:
+        state = sharding.shard_state(state, opt, group)
+    state_bytes = sum(t.numel() * t.element_size() for t in fbrain.tree.tree_leaves(state.opt_state)
+                      if isinstance(t, torch.Tensor))
 
     def global_batch(i):  # batch_scale workload batches side by side: the global batch
         parts = [workload.batch(i * batch_scale + k) for k in range(batch_scale)]
@@ -61,7 +69,8 @@ def worker(workload_name: str, steps: int, batch_scale: int) -> None:
             times.append(time.perf_counter() - start)
     if rank == 0:
         print(json.dumps({"ms_per_step": 1e3 * statistics.median(times), "loss": float(metrics["loss"]),
-                          "world": world, "threads": torch.get_num_threads()}))
+                          "world": world, "threads": torch.get_num_threads(), "opt_state_mb": state_bytes / 2**20,
+                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     if group is not None:
         torch.distributed.destroy_process_group()
 
@@ -76,23 +85,35 @@ def run(command: list[str], threads: int) -> dict:
 
 def main() -> None:
     if sys.argv[1:2] == [WORKER]:
-        return worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:6] == ["sharded"])
     parser = argparse.ArgumentParser(prog="python -m benchmarks.data_parallel", description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--workload", default="convtasnet-small")
     parser.add_argument("--batch-scale", type=int, default=2, help="workload batches per global batch")
+    parser.add_argument("--sharded", action="store_true", help="also run the ranks with sharded optimizer state")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     job = [args.workload, str(args.steps), str(args.batch_scale)]
     single = run([sys.executable, "-m", "benchmarks.data_parallel", WORKER, *job], threads=cores)
-    ranks = run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
-                 "-m", "benchmarks.data_parallel", WORKER, *job], threads=max(1, cores // args.ranks))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
+              "-m", "benchmarks.data_parallel", WORKER, *job]
+    ranks = run(launch, threads=max(1, cores // args.ranks))
+    sharded = run(launch + ["sharded"], threads=max(1, cores // args.ranks)) if args.sharded else None
     print(f"{args.workload}, global batch of {args.batch_scale} workload batches, {cores} cores, torch {torch.__version__}")
     print(f"1 process ({single['threads']} threads): {single['ms_per_step']:.1f} ms/step, loss {single['loss']:.6g}")
     print(f"{args.ranks} ranks ({ranks['threads']} threads each): {ranks['ms_per_step']:.1f} ms/step, "
           f"loss {ranks['loss']:.6g}")
     print(f"speed-up: {single['ms_per_step'] / ranks['ms_per_step']:.2f}x")
+    if sharded is not None:
+        print(f"{args.ranks} ranks, sharded optimizer state: {sharded['ms_per_step']:.1f} ms/step, loss {sharded['loss']:.6g}")
+        print("\n| run | ms/step | optimizer state MB / rank | peak RSS MB / rank |\n|---|---:|---:|---:|")
+        for name, r in (("1 process", single), (f"{args.ranks} ranks, replicated", ranks),
+                        (f"{args.ranks} ranks, sharded", sharded)):
+            print(f"| {name} | {r['ms_per_step']:.1f} | {r['opt_state_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
+        print(f"\nsharded / replicated: step time {sharded['ms_per_step'] / ranks['ms_per_step']:.2f}x, optimizer "
+              f"state {sharded['opt_state_mb'] / ranks['opt_state_mb']:.2f}x, peak RSS "
+              f"{sharded['peak_rss_mb'] / ranks['peak_rss_mb']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,20 @@ def _cross_entropy(model, batch):
     return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
+# -- mlp-100m: a model whose optimizer state matters (sharded state, benchmarks.data_parallel) -------
+
+def _mlp_100m():
+    layers = []
+    for _ in range(6):  # 6 x (4096 x 4096 + 4096) = 100.7 M parameters
+        layers += [torch.nn.Linear(4096, 4096), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def _mlp_100m_batch(i):
+    g = _gen(i)
+    return torch.randn(8, 4096, generator=g), torch.randn(8, 4096, generator=g)
+
+
 # -- enhance-blstm: the enhancement template (STFT features -> BiLSTM masker -> MSE) -------------
 
 class EnhanceModel(torch.nn.Module):
@@ -130,6 +144,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
              "STFT + BiLSTM masker (2.04 M params), batch 8 x 2 s at 16 kHz"),
     Workload("convtasnet-small", _seeded(lambda: ConvTasNet(N=32, L=16, B=32, H=32, P=3, X=1, R=2, C=2)),
              _separation_batch, _neg_si_snr_pit, "ConvTasNet N=B=H=32, X=1, R=2; batch 4 x 1 s at 8 kHz"),
+    Workload("mlp-100m", _seeded(_mlp_100m), _mlp_100m_batch, _mse, "MLP of six 4096 x 4096 layers (100.7 M params), batch 8"),
     Workload("convtasnet-large", _seeded(lambda: ConvTasNet(N=256, L=16, B=256, H=512, P=3, X=6, R=4, C=2)),
              lambda i: _separation_batch(i, batch=2), _neg_si_snr_pit,
              "ConvTasNet N=B=256, H=512, X=6, R=4; batch 2 x 1 s at 8 kHz"),
