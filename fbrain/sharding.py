@@ -40,6 +40,7 @@ from fbrain.optim import _foreach as fe
 from fbrain.optim.base import frozen_names
 from fbrain.state import TrainState
 from fbrain.torch_compat import funcol
+from fbrain.tree import device_of, tree_map
 from fbrain.update import UpdateRule, apply_gradients, unscale
 
 
@@ -116,7 +117,7 @@ def shard_opt_state(opt_state: Any, layout: ShardLayout) -> Any:
 def unshard_opt_state(opt_states: list[Any], layout: ShardLayout) -> Any:
     """The optimizer state of the whole parameters from every rank's sharded one (``opt_states[r]``)."""
     index = {n: i for i, n in enumerate(layout.names)}
-    stacked = _zip_trees(opt_states)
+    stacked = _zip_trees(opt_states, frozenset(layout.names))
 
     def join(name, leaves):
         i = index[name]
@@ -127,22 +128,49 @@ def unshard_opt_state(opt_states: list[Any], layout: ShardLayout) -> Any:
     return _per_parameter(stacked, frozenset(layout.names), join)
 
 
-def _zip_trees(trees: list[Any]) -> Any:
-    """One tree whose per-parameter leaves are lists of the ``trees``' leaves (same structure)."""
+def _zip_trees(trees: list[Any], names: frozenset) -> Any:
+    """One tree whose per-parameter tensors (under ``names`` in a dict) are lists of the ``trees``'
+    tensors (same structure); everything else is the first tree's."""
     first = trees[0]
     if isinstance(first, dict):
-        return {k: (list(t[k] for t in trees) if isinstance(first[k], torch.Tensor) else _zip_trees([t[k] for t in trees]))
-                for k in first}
+        return {k: (list(t[k] for t in trees) if k in names and isinstance(first[k], torch.Tensor)
+                    else _zip_trees([t[k] for t in trees], names)) for k in first}
     if isinstance(first, tuple) and hasattr(first, "_fields"):
-        return type(first)(*(_zip_trees([t[i] for t in trees]) for i in range(len(first))))
+        return type(first)(*(_zip_trees([t[i] for t in trees], names) for i in range(len(first))))
     if isinstance(first, (tuple, list)):
-        return type(first)(_zip_trees([t[i] for t in trees]) for i in range(len(first)))
+        return type(first)(_zip_trees([t[i] for t in trees], names) for i in range(len(first)))
     return first
 
 
 def shard_state(state: TrainState, optimizer, group) -> TrainState:
-    """``state`` with its optimizer state cut to this rank's shard (the parameters stay whole)."""
-    return state.replace(opt_state=shard_opt_state(state.opt_state, _trainable_layout(state, optimizer, group)))
+    """``state`` with its optimizer state cut to this rank's shard (the parameters stay whole).
+    Refuses an optimizer that is not elementwise (see :func:`require_elementwise`)."""
+    layout = _trainable_layout(state, optimizer, group)
+    require_elementwise(optimizer, layout.names)
+    dtypes = {state.params[n].dtype for n in layout.names}
+    if len(dtypes) > 1:
+        raise ValueError(f"shard_optimizer_state: the trainable parameters have several dtypes {sorted(map(str, dtypes))}; "
+                         "the sharded buckets need one (cast the model, or use the replicated step)")
+    return state.replace(opt_state=shard_opt_state(state.opt_state, layout))
+
+
+def require_elementwise(optimizer, names) -> None:
+    """Raise unless ``optimizer`` updates every element from that element alone, which sharding
+    needs: probed with two-element stand-ins for the parameters, updated whole and in halves.
+    (``optim.clip_by_global_norm`` inside the optimizer is not: clip with the step's
+    ``max_grad_norm``, which stays global.)"""
+    g = torch.Generator().manual_seed(0)
+    params = {n: torch.randn(2, generator=g, dtype=torch.float64) for n in names}
+    grads = {n: 100 * torch.randn(2, generator=g, dtype=torch.float64) for n in names}
+    whole, _ = optimizer.update(grads, optimizer.init(params), params)
+    for half in (slice(0, 1), slice(1, 2)):
+        p, gr = {n: t[half].clone() for n, t in params.items()}, {n: t[half].clone() for n, t in grads.items()}
+        part, _ = optimizer.update(gr, optimizer.init(p), p)
+        for n in part:
+            if not torch.allclose(part[n], whole[n][half], rtol=1e-6, atol=1e-12):
+                raise ValueError(f"shard_optimizer_state: the optimizer's update of {n!r} depends on other elements "
+                                 "(e.g. optim.clip_by_global_norm inside it); a shard cannot compute it. Clip with "
+                                 "max_grad_norm (global across the ranks) instead")
 
 
 def _trainable_layout(state: TrainState, optimizer, group) -> ShardLayout:
@@ -164,13 +192,23 @@ def whole_shaped(state: TrainState, optimizer, group) -> TrainState:
     return state.replace(opt_state=_per_parameter(state.opt_state, frozenset(layout.names), grow))
 
 
-def gather_opt_state(state: TrainState, optimizer, group) -> TrainState:
-    """``state`` with the whole optimizer state, gathered from every rank's shard (a collective:
-    every rank of ``group`` calls it; each gets the whole state)."""
+def gather_opt_state(state: TrainState, optimizer, group, dst: int | None = None) -> TrainState | None:
+    """``state`` with the whole optimizer state, gathered from every rank's shard (on the CPU). A
+    collective: every rank of ``group`` calls it. Every rank gets the whole state, or with ``dst``
+    only that rank (the others get None and keep no copy)."""
     layout = _trainable_layout(state, optimizer, group)
-    gathered: list = [None] * layout.world
-    dist.all_gather_object(gathered, state.opt_state, group=group)
-    return state.replace(opt_state=unshard_opt_state(gathered, layout))
+    mine = tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, state.opt_state)
+    if dst is None:
+        gathered: list = [None] * layout.world
+        dist.all_gather_object(gathered, mine, group=group)
+    else:
+        gathered = [None] * layout.world if layout.rank == dst else None
+        dist.gather_object(mine, gathered, dst=dist.get_global_rank(group, dst), group=group)
+        if layout.rank != dst:
+            return None
+    whole = unshard_opt_state(gathered, layout)
+    device = device_of(state.params)  # where the optimizer state lives (as optimizer.init puts it)
+    return state.replace(opt_state=tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, whole))
 
 
 # -- the step --------------------------------------------------------------------------------------
@@ -196,6 +234,10 @@ def sharded_apply_gradients(state: TrainState, grads: dict[str, torch.Tensor], l
                             rule: UpdateRule, group, buffers=None) -> tuple[TrainState, dict, torch.Tensor]:
     """The data-parallel update with sharded optimizer state (see the module's doc): ``(new state,
     metrics, mean loss)``. ``state.opt_state`` is this rank's shard; the parameters are whole."""
+    if not grads:  # nothing trainable: only the loss to average
+        mean_loss = funcol.wait_tensor(funcol.all_reduce(loss.detach().reshape(1), "sum", group))[0] / dist.get_world_size(group)
+        new, metrics = apply_gradients(state, grads, rule, loss=mean_loss, buffers=buffers)
+        return new, metrics, mean_loss
     layout = group_layout(state.params, list(grads), group)
     mine = reduce_scatter_mean(grads, layout, group)
     if rule.fp16:

@@ -96,8 +96,8 @@ class SpeechBrainNamespace(types.ModuleType):
         self._path = path
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
+        if name.startswith("_"):  # private names (and hasattr probes) never import SpeechBrain
+            raise AttributeError(f"fbrain.{self._path} has no attribute {name!r}")
         full = f"{self._path}.{name}"
         if full in FBRAIN_OBJECTS:
             return _fbrain_object(FBRAIN_OBJECTS[full])

@@ -79,8 +79,8 @@ def test_a_damaged_module_file_is_named_and_recovery_falls_back(tmp_path):
     older, newest = sorted(ckpt.list_checkpoints(), key=lambda c: c.meta["unixtime"])
     path = newest.paramfiles["model"]
     data = bytearray(path.read_bytes())
-    record = data.index(b"data/0") + 200  # inside the first tensor's bytes, past its local header
-    data[record] ^= 0x10
+    weight = recoverables.read_state_dict(path)["head.weight"]
+    data[data.index(weight.numpy().tobytes()) + 5] ^= 0x10  # inside a tensor's stored bytes
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         torch_files.verify(path)

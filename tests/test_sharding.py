@@ -60,6 +60,19 @@ def test_the_layout_cuts_and_joins_every_per_parameter_tensor():
             assert torch.equal(back.slots[key][name], state.slots[key][name])
     whole = sharding.unshard([sharding.shard(params, layout) for layout in layouts], layouts[0])
     assert all(torch.equal(whole[n], params[n]) for n in ("w", "b"))
+    # Everything that is not a per-parameter tensor (hyperparameters, counts) comes back as it was.
+    assert back.hyperparams.keys() == state.hyperparams.keys()
+    assert all(type(back.hyperparams[k]) is type(v) for k, v in state.hyperparams.items())
+    assert torch.equal(back.count, state.count)
+
+
+def test_an_optimizer_that_is_not_elementwise_is_refused():
+    params = {"w": torch.randn(4)}
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        sharding.require_elementwise(optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(1.0)), ["w"])
+    for opt in (optim.adam(1e-3), optim.sgd(0.1, momentum=0.9, weight_decay=1e-2), optim.rmsprop(1e-3, centered=True),
+                optim.with_ema(optim.adamw(1e-3), 0.9), optim.adadelta(1.0)):
+        sharding.require_elementwise(opt, list(params))
 
 
 BRAIN_SCRIPT = REPO / "tests" / "scripts" / "ddp_brain.py"
@@ -85,6 +98,9 @@ def test_a_brain_with_sharded_state_resumes_on_another_number_of_ranks(tmp_path)
     brain_run(tmp_path / "resharded", 4, "--epochs", 1, "--shard")
     brain_run(tmp_path / "resharded", 8, "--epochs", 2, nproc=1)
     brain_run(tmp_path / "resharded", 4, "--epochs", 3, "--shard")
+    # Each run went on from the last one's checkpoint (a failed recovery would restart at epoch 1).
+    epochs = [int(line.split()[0]) for line in open(tmp_path / "resharded" / "losses.txt")]
+    assert epochs == [1] * 4 + [2] * 4 + [3] * 4, epochs
     replicated = checkpoint.load(tmp_path / "replicated" / "rank0.fbrain")
     for run in ("sharded", "resharded"):
         for rank in (0, 1):

@@ -201,14 +201,17 @@ class Brain:
     def _sharded(self, state: TrainState) -> TrainState:
         """``state`` (whole optimizer state) as this Brain keeps it: this rank's shard when sharded."""
         group = self.shard_group
-        return state if group is None else sharding.shard_state(state, self._layout.transformation(), group)
+        if group is None or self._layout is None:  # no optimizer yet (evaluate in a fresh process)
+            return state
+        return sharding.shard_state(state, self._layout.transformation(), group)
 
     def _fbrain_before_save(self) -> None:
         """Called on every rank before fbrain's Checkpointer saves (rank 0 writes): a sharded optimizer
         state is gathered whole, so the checkpoint fits any number of ranks."""
         group = self.shard_group
-        if group is not None and self._state is not None:
-            self._whole_for_save = sharding.gather_opt_state(self._state, self._layout.transformation(), group)
+        if group is not None and self._state is not None and self._layout is not None:
+            # Rank 0 gets the whole state (the others None: they keep only their shard).
+            self._whole_for_save = sharding.gather_opt_state(self._state, self._layout.transformation(), group, dst=0)
 
     def ensure_state(self) -> TrainState:
         """``brain.state`` and the optimizer views, made now if they are not yet (``fit`` does this
@@ -306,7 +309,14 @@ class Brain:
     def _after_train_batch(self):
         if self.checkpointer is None or not self._intra_epoch.enabled:
             return
-        self._intra_epoch_due = self._intra_epoch.due() or self._intra_epoch_due
+        due = self._intra_epoch.due()
+        if self._intra_epoch.every_seconds > 0 and _distributed.active():
+            # Each rank's clock differs: save when any rank's interval has passed, on every rank at
+            # the same step (a save is a collective now: rank 0 writes, sharded state is gathered).
+            due = self._preemption.any_rank(due)
+            if due:
+                self._intra_epoch.restart()
+        self._intra_epoch_due = due or self._intra_epoch_due
         # Only between optimizer steps: collected micro-batches are not part of the state.
         if self._intra_epoch_due and not self._pending:
             self._save_intra_epoch_ckpt()

@@ -111,5 +111,14 @@ class Preemption:
             self._finish_exchange()
         return self.agreed is not None
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (blocking, on the CPU group; every rank calls it at the
+        same point). Outside a distributed run: ``flag``."""
+        if self._group is None or not _distributed.active():
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(int(value))
+
     def exit_status(self) -> int:
         return 128 + int(self.agreed or self.signal)

@@ -72,7 +72,8 @@ def is_torch_zip(path: str | os.PathLike) -> bool:
 
 def verify(path: str | os.PathLike) -> None:
     """Raise a CheckpointError unless ``path`` is a sound torch zip file whose records all match
-    their CRC-32 (reads the file once, in pieces; never inflates anything)."""
+    their CRC-32: distinct names, stored (never compressed), laid out one after another without
+    overlapping, each read once, so checking reads at most the file's size and never inflates."""
     name = os.fspath(path)
     try:
         size = os.path.getsize(name)
@@ -80,19 +81,47 @@ def verify(path: str | os.PathLike) -> None:
             records = archive.infolist()
             if len(records) > MAX_RECORDS:
                 raise CheckpointError(f"{name}: {len(records)} records; not a state_dict this fbrain wrote")
-            for record in records:
-                if record.compress_type != zipfile.ZIP_STORED or record.file_size > size:
-                    raise CheckpointError(f"{name}: record {record.filename!r} is compressed or larger than "
-                                          "the file; torch never writes such records")
-            bad = archive.testzip()
+            if len({r.filename for r in records}) != len(records):
+                raise CheckpointError(f"{name}: two records share a name; torch never writes such archives "
+                                      "(a reader would see only one of them)")
+            end = 0
+            with open(name, "rb") as raw:
+                for record in sorted(records, key=lambda r: r.header_offset):
+                    if record.compress_type != zipfile.ZIP_STORED or record.file_size > size:
+                        raise CheckpointError(f"{name}: record {record.filename!r} is compressed or larger than "
+                                              "the file; torch never writes such records")
+                    if record.header_offset < end:
+                        raise CheckpointError(f"{name}: record {record.filename!r} overlaps the one before it")
+                    end = _data_start(raw, record) + record.compress_size
+            bad = None
+            for record in records:  # each record object (not its name: a name may be reused)
+                with archive.open(record) as data:
+                    while data.read(1 << 20):
+                        pass  # reading to the end checks the CRC-32 (BadZipFile when it differs)
     except CheckpointError:
         raise
-    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, RuntimeError,
-            NotImplementedError, UnicodeDecodeError) as err:
+    except zipfile.BadZipFile as err:
+        bad = str(err)
+        if "CRC" not in bad:
+            raise CheckpointError(f"{name}: damaged torch file (BadZipFile: {err})") from None
+    except (OSError, zipfile.LargeZipFile, ValueError, EOFError, RuntimeError, NotImplementedError,
+            UnicodeDecodeError, OverflowError) as err:
         raise CheckpointError(f"{name}: damaged torch file ({type(err).__name__}: {err})") from None
     if bad is not None:
-        raise CheckpointError(f"{name}: checksum mismatch in record {bad!r}: the file changed after it was "
-                              "written (damaged or edited)")
+        raise CheckpointError(f"{name}: checksum mismatch ({bad}): the file changed after it was written "
+                              "(damaged or edited)")
+
+
+def _data_start(raw, record: zipfile.ZipInfo) -> int:
+    """Where ``record``'s bytes start: after its local header, whose name and extra field (torch pads
+    it to align the tensors) may be longer than the central directory says."""
+    raw.seek(record.header_offset)
+    header = raw.read(30)
+    if len(header) < 30 or header[:4] != ZIP_MAGIC:
+        raise CheckpointError(f"{raw.name}: record {record.filename!r} has no local header where the directory "
+                              "points")
+    name_length, extra_length = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
+    return record.header_offset + 30 + name_length + extra_length
 
 
 def load(path: str | os.PathLike, verified: bool = False) -> Any:
@@ -117,4 +146,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CheckpointError(f"{os.fspath(path)}: expected a module's state_dict (names to tensors), "
                               f"got a {type(state).__name__}")
+    for key, value in state.items():
+        # A crafted view (zero strides over one stored value) can declare far more elements than the
+        # file holds; anything that copies it (averaging, a module's load) would allocate them all.
+        if isinstance(value, torch.Tensor) and value.numel() and \
+                value.numel() * value.element_size() > value.untyped_storage().nbytes():
+            raise CheckpointError(f"{os.fspath(path)}: {key}: declares {value.numel()} elements over "
+                                  f"{value.untyped_storage().nbytes()} stored bytes; not a tensor torch.save writes")
     return state
