@@ -40,15 +40,13 @@ def worker(workload_name: str, steps: int, batch_scale: int, sharded: bool = Fal
     workload = WORKLOADS[workload_name]
     model = workload.build()
     opt = optim.adam(1e-3)
-    state = fbrain.TrainState.create(model, opt)
+    state = fbrain.TrainState.create(model, sharding.initialising_shards(opt, group) if sharded else opt)
 
     def loss_fn(params, buffers, batch, rng):
         loss, new_buffers = call_with(model, params, buffers, workload.loss, batch)
         return loss, {"buffers": new_buffers}
 
     step = fbrain.make_train_step(loss_fn, opt, process_group=group, shard_optimizer_state=sharded)
-    if sharded:
-        state = sharding.shard_state(state, opt, group)
     state_bytes = sum(t.numel() * t.element_size() for t in fbrain.tree.tree_leaves(state.opt_state)
                       if isinstance(t, torch.Tensor))
 

@@ -25,7 +25,8 @@ it in the last bit (within 1e-6 over 20 steps, tested).
 Example (inside a process group; see tests/test_sharding.py for a torchrun launch)::
 
     step = fbrain.make_train_step(loss_fn, opt, process_group=group, shard_optimizer_state=True)
-    state = fbrain.sharding.shard_state(state, step.optimizer, group)
+    state = fbrain.TrainState.create(model, fbrain.sharding.initialising_shards(opt, group))
+    # or, from a whole state (a checkpoint): fbrain.sharding.shard_state(state, opt, group)
 """
 
 from __future__ import annotations
@@ -152,6 +153,19 @@ def shard_state(state: TrainState, optimizer, group) -> TrainState:
         raise ValueError(f"shard_optimizer_state: the trainable parameters have several dtypes {sorted(map(str, dtypes))}; "
                          "the sharded buckets need one (cast the model, or use the replicated step)")
     return state.replace(opt_state=shard_opt_state(state.opt_state, layout))
+
+
+def initialising_shards(optimizer, group):
+    """``optimizer`` whose ``init`` makes this rank's shard of its state directly, never the whole
+    state: ``TrainState.create(model, initialising_shards(opt, group))`` is ``shard_state`` of the
+    whole one without holding it (equal on every real element; the padding may differ, and is
+    never read)."""
+    def init(params):
+        frozen = frozen_names(optimizer, params)
+        layout = group_layout(params, [n for n in params if n not in frozen], group)
+        require_elementwise(optimizer, layout.names)
+        return optimizer.init({**{n: p for n, p in params.items() if n in frozen}, **shard(params, layout)})
+    return optimizer._replace(init=init)
 
 
 def require_elementwise(optimizer, names) -> None:

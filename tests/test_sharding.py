@@ -43,6 +43,7 @@ def test_sharded_state_trains_as_the_replicated_step_over_20_steps(ranks, case):
         assert r["optimizer_step"] == [19, 19]
         assert r["state_gap"] <= 1e-6  # gathered, the shards are the replicated optimizer state
         assert r["share"] <= 0.55  # each rank holds about half of it
+        assert r["direct_init_equal"]  # initialising the shards directly = cutting the whole state
 
 
 def test_the_layout_cuts_and_joins_every_per_parameter_tensor():

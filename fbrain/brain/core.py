@@ -186,11 +186,12 @@ class Brain:
         self._imperative.use_layout(layout)
         self._steps.clear()
         tx = layout.transformation()
+        if self.shard_group is not None:  # this rank's shard only, never the whole state
+            tx = sharding.initialising_shards(tx, self.shard_group)
         if self._state is None:
-            state = TrainState.create(self.modules, tx, seed=self.seed, loss_scale=self._imperative.rule.loss_scale)
+            self.state = TrainState.create(self.modules, tx, seed=self.seed, loss_scale=self._imperative.rule.loss_scale)
         else:
-            state = self._state.replace(opt_state=tx.init(self._state.params))
-        self.state = self._sharded(state)
+            self.state = self._state.replace(opt_state=tx.init(self._state.params))
 
     @property
     def shard_group(self):

@@ -48,6 +48,10 @@ for name, opt in {"adam": optim.adam(1e-2), "sgd": optim.sgd(0.05, momentum=0.9)
     for clip in (None, 0.05):
         replicated = fbrain.TrainState.create(net, opt, seed=0)
         sharded = sharding.shard_state(replicated, opt, group)
+        direct = fbrain.TrainState.create(net, sharding.initialising_shards(opt, group), seed=0)
+        direct_equal = all(torch.equal(a, b) for a, b in zip(fbrain.tree.tree_leaves(direct.opt_state),
+                                                             fbrain.tree.tree_leaves(sharded.opt_state))
+                           if isinstance(a, torch.Tensor))
         step = fbrain.make_train_step(loss_fn, opt, max_grad_norm=clip, process_group=group)
         sharded_step = fbrain.make_train_step(loss_fn, opt, max_grad_norm=clip, process_group=group,
                                               shard_optimizer_state=True)
@@ -70,7 +74,7 @@ for name, opt in {"adam": optim.adam(1e-2), "sgd": optim.sgd(0.05, momentum=0.9)
                                                                    fbrain.tree.tree_leaves(replicated.opt_state))
                         if isinstance(a, torch.Tensor) and a.is_floating_point())
         results[f"{name}-clip{clip}"] = {
-            "max_param_diff": worst, "loss_gap": loss_gap, "skipped": skipped, "state_gap": state_gap,
+            "max_param_diff": worst, "loss_gap": loss_gap, "skipped": skipped, "direct_init_equal": direct_equal, "state_gap": state_gap,
             "share": elements(sharded.opt_state) / elements(replicated.opt_state),
             "optimizer_step": [int(replicated.counters.optimizer_step), int(sharded.counters.optimizer_step)]}
 
