@@ -40,7 +40,8 @@ import torch.distributed as dist
 from fbrain.optim import _foreach as fe
 from fbrain.optim.base import frozen_names
 from fbrain.state import TrainState
-from fbrain.torch_compat import funcol
+from fbrain.distributed import mean_across_ranks
+from fbrain.torch_compat import funcol, pytree
 from fbrain.tree import device_of, tree_map
 from fbrain.update import UpdateRule, apply_gradients, unscale
 
@@ -88,18 +89,17 @@ def unshard(shards: list[dict[str, torch.Tensor]], layout: ShardLayout) -> dict[
             for i, n in enumerate(layout.names)}
 
 
-def _per_parameter(tree: Any, names: frozenset, fn: Callable[[str, Any], Any]) -> Any:
-    """``tree`` with ``fn(name, leaf)`` applied to every tensor stored under a parameter's name in a
-    dict (an optimizer state's per-parameter tensors: Adam's ``mu[name]``, the adaptive twins'
-    ``slots[key][name]``, EMA's averages); everything else (counts, hyperparameters) as it is."""
-    if isinstance(tree, dict):
-        return {k: fn(k, v) if k in names and isinstance(v, (torch.Tensor, list)) else _per_parameter(v, names, fn)
-                for k, v in tree.items()}
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(_per_parameter(v, names, fn) for v in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_per_parameter(v, names, fn) for v in tree)
-    return tree
+def _per_parameter(names: frozenset, fn: Callable[..., Any], tree: Any, *others: Any) -> Any:
+    """``tree`` with ``fn(name, leaf, *other_leaves)`` applied to every tensor stored under a
+    parameter's name in a dict (an optimizer state's per-parameter tensors: Adam's ``mu[name]``, the
+    adaptive twins' ``slots[key][name]``, EMA's averages), ``others`` being trees of the same
+    structure; everything else (counts, hyperparameters) is ``tree``'s, as it is."""
+    def visit(path, leaf, *other_leaves):
+        name = getattr(path[-1], "key", None) if path else None  # a dict's key (MappingKey)
+        if isinstance(leaf, torch.Tensor) and name in names:
+            return fn(name, leaf, *other_leaves)
+        return leaf
+    return pytree.tree_map_with_path(visit, tree, *others)
 
 
 def shard_opt_state(opt_state: Any, layout: ShardLayout) -> Any:
@@ -112,35 +112,20 @@ def shard_opt_state(opt_state: Any, layout: ShardLayout) -> Any:
             return leaf  # a per-parameter scalar (NAdam's mu_product): the same on every rank
         return _padded_rows(leaf, chunks[name], layout.world)[layout.rank].clone()
 
-    return _per_parameter(opt_state, frozenset(layout.names), cut)
+    return _per_parameter(frozenset(layout.names), cut, opt_state)
 
 
 def unshard_opt_state(opt_states: list[Any], layout: ShardLayout) -> Any:
     """The optimizer state of the whole parameters from every rank's sharded one (``opt_states[r]``)."""
     index = {n: i for i, n in enumerate(layout.names)}
-    stacked = _zip_trees(opt_states, frozenset(layout.names))
 
-    def join(name, leaves):
+    def join(name, *leaves):
         i = index[name]
-        if all(isinstance(x, torch.Tensor) and x.shape == (layout.chunks[i],) for x in leaves):
+        if all(x.shape == (layout.chunks[i],) for x in leaves):
             return torch.cat(leaves)[:layout.numel(i)].view(layout.shapes[i])
         return leaves[0]  # a per-parameter scalar, the same on every rank
 
-    return _per_parameter(stacked, frozenset(layout.names), join)
-
-
-def _zip_trees(trees: list[Any], names: frozenset) -> Any:
-    """One tree whose per-parameter tensors (under ``names`` in a dict) are lists of the ``trees``'
-    tensors (same structure); everything else is the first tree's."""
-    first = trees[0]
-    if isinstance(first, dict):
-        return {k: (list(t[k] for t in trees) if k in names and isinstance(first[k], torch.Tensor)
-                    else _zip_trees([t[k] for t in trees], names)) for k in first}
-    if isinstance(first, tuple) and hasattr(first, "_fields"):
-        return type(first)(*(_zip_trees([t[i] for t in trees], names) for i in range(len(first))))
-    if isinstance(first, (tuple, list)):
-        return type(first)(_zip_trees([t[i] for t in trees], names) for i in range(len(first)))
-    return first
+    return _per_parameter(frozenset(layout.names), join, *opt_states)
 
 
 def shard_state(state: TrainState, optimizer, group) -> TrainState:
@@ -203,7 +188,7 @@ def whole_shaped(state: TrainState, optimizer, group) -> TrainState:
             return leaf.new_empty(shapes[name])
         return leaf
 
-    return state.replace(opt_state=_per_parameter(state.opt_state, frozenset(layout.names), grow))
+    return state.replace(opt_state=_per_parameter(frozenset(layout.names), grow, state.opt_state))
 
 
 def gather_opt_state(state: TrainState, optimizer, group, dst: int | None = None) -> TrainState | None:
@@ -249,7 +234,7 @@ def sharded_apply_gradients(state: TrainState, grads: dict[str, torch.Tensor], l
     """The data-parallel update with sharded optimizer state (see the module's doc): ``(new state,
     metrics, mean loss)``. ``state.opt_state`` is this rank's shard; the parameters are whole."""
     if not grads:  # nothing trainable: only the loss to average
-        mean_loss = funcol.wait_tensor(funcol.all_reduce(loss.detach().reshape(1), "sum", group))[0] / dist.get_world_size(group)
+        _, mean_loss = mean_across_ranks({}, loss, group)
         new, metrics = apply_gradients(state, grads, rule, loss=mean_loss, buffers=buffers)
         return new, metrics, mean_loss
     layout = group_layout(state.params, list(grads), group)
