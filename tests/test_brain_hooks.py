@@ -745,3 +745,33 @@ def test_compile_module_keys_and_errors():
             brain.fit(range(1), regression_data(4))
     torch._dynamo.reset()
 
+
+
+class NoisyEval(RegressionBrain):
+    """Adds noise to its predictions when it evaluates, and logs each eval batch's loss."""
+
+    def compute_objectives(self, predictions, batch, stage):
+        if stage != fbrain.Stage.TRAIN:
+            predictions = predictions + torch.randn_like(predictions)
+        return super().compute_objectives(predictions, batch, stage)
+
+    def evaluate_batch(self, batch, stage):
+        loss = super().evaluate_batch(batch, stage)
+        self.eval_losses.append(float(loss))
+        return loss
+
+
+@pytest.mark.parametrize("run_opts", [{}, COMPILED], ids=["eager", "compiled"])
+def test_every_eval_batch_draws_fresh_noise_on_both_step_paths(run_opts):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    brain = NoisyEval({"model": torch.nn.Linear(4, 1)}, run_opts={**QUIET, **run_opts})
+    brain.eval_losses = []
+    same_batch = regression_data(4, seed=1)[:1] * 3  # one batch three times: only the noise differs
+    brain.evaluate(same_batch, test_loader_kwargs={"batch_size": None})
+    first, brain.eval_losses = brain.eval_losses, []
+    brain.evaluate(same_batch, test_loader_kwargs={"batch_size": None})
+    assert len(set(first)) == 3  # fresh draws for each batch
+    assert brain.eval_losses == first  # from the state's key: the same stage draws the same
+    torch._dynamo.reset()

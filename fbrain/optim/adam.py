@@ -153,8 +153,9 @@ def adam(
         return {**params, **dict(zip(names, new_p))}, new_state
 
     def apply(grads, state, params, skip, in_place=False):
-        # One signature, two implementations: the fused kernel where it serves, else the arithmetic
-        # of `update`. Which one runs depends on the optimizer and the values of its inputs only.
+        # One signature, two implementations: the fused kernel where it serves and is allowed, else
+        # torch's single-tensor arithmetic (`moments`). Which one runs depends on the optimizer and
+        # the values of its inputs only.
         return (fused and fused_apply(grads, state, params, skip, in_place)) or arithmetic(grads, state, params, skip)
 
     return GradientTransformation(init, update, apply=apply)
