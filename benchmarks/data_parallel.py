@@ -8,7 +8,8 @@ the ranks, each rank on its 1/N of the same global batch (gloo on CPU, nccl on C
 milliseconds per step (median of the timed steps) and the speed-up; the final losses of the two
 runs are printed too (they agree to float rounding: the ranks average their gradients). With
 ``--sharded`` the N ranks also run with sharded optimizer state (``shard_optimizer_state``), and a
-table gives, per rank: step time, optimizer-state megabytes, and peak resident memory.
+table gives, per rank: step time, optimizer-state megabytes, peak resident memory, and the time to
+write a checkpoint (rank 0 the whole state; sharded: every rank its own shard file, at once).
 """
 
 from __future__ import annotations
@@ -65,12 +66,45 @@ def worker(workload_name: str, steps: int, batch_scale: int, sharded: bool = Fal
         state, metrics = step(state, batch)
         if i >= 3:  # warm-up steps first
             times.append(time.perf_counter() - start)
+    save_ms = checkpoint_save_ms(state, sharded, group)
     if rank == 0:
         print(json.dumps({"ms_per_step": 1e3 * statistics.median(times), "loss": float(metrics["loss"]),
+                          "save_ms": save_ms,
                           "world": world, "threads": torch.get_num_threads(), "opt_state_mb": state_bytes / 2**20,
                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     if group is not None:
         torch.distributed.destroy_process_group()
+
+
+def checkpoint_save_ms(state, sharded: bool, group, repeats: int = 3) -> float:
+    """Median time (barrier to barrier) to write ``state`` as a Brain's checkpoint does: rank 0 the
+    whole state when replicated; every rank its shard of the optimizer state (and rank 0 the rest)
+    when sharded."""
+    import tempfile
+
+    import fbrain
+    from fbrain import checkpoint
+    from fbrain.checkpoint import shards
+
+    rank = torch.distributed.get_rank() if group is not None else 0
+    world = torch.distributed.get_world_size() if group is not None else 1
+    folder = tempfile.mkdtemp(prefix="fbrain-bench-save-") if rank == 0 else None
+    folder = fbrain.distributed.ddp_broadcast(folder)
+    times = []
+    for _ in range(repeats):
+        fbrain.distributed.barrier()
+        start = time.perf_counter()
+        if sharded:
+            shards.write(os.path.join(folder, "brain.shards"), rank, world, state.opt_state)
+        if rank == 0:
+            checkpoint.save(os.path.join(folder, "brain.fbrain"), state.replace(opt_state=None) if sharded else state)
+        fbrain.distributed.barrier()
+        times.append(time.perf_counter() - start)
+    fbrain.distributed.barrier()
+    if rank == 0:
+        import shutil
+        shutil.rmtree(folder)
+    return 1e3 * statistics.median(times)
 
 
 def run(command: list[str], threads: int) -> dict:
@@ -105,13 +139,16 @@ def main() -> None:
     print(f"speed-up: {single['ms_per_step'] / ranks['ms_per_step']:.2f}x")
     if sharded is not None:
         print(f"{args.ranks} ranks, sharded optimizer state: {sharded['ms_per_step']:.1f} ms/step, loss {sharded['loss']:.6g}")
-        print("\n| run | ms/step | optimizer state MB / rank | peak RSS MB / rank |\n|---|---:|---:|---:|")
+        print("\n| run | ms/step | optimizer state MB / rank | peak RSS MB / rank | checkpoint save ms |\n"
+              "|---|---:|---:|---:|---:|")
         for name, r in (("1 process", single), (f"{args.ranks} ranks, replicated", ranks),
                         (f"{args.ranks} ranks, sharded", sharded)):
-            print(f"| {name} | {r['ms_per_step']:.1f} | {r['opt_state_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
+            print(f"| {name} | {r['ms_per_step']:.1f} | {r['opt_state_mb']:.1f} | {r['peak_rss_mb']:.0f} "
+                  f"| {r['save_ms']:.0f} |")
         print(f"\nsharded / replicated: step time {sharded['ms_per_step'] / ranks['ms_per_step']:.2f}x, optimizer "
               f"state {sharded['opt_state_mb'] / ranks['opt_state_mb']:.2f}x, peak RSS "
-              f"{sharded['peak_rss_mb'] / ranks['peak_rss_mb']:.2f}x")
+              f"{sharded['peak_rss_mb'] / ranks['peak_rss_mb']:.2f}x, checkpoint save "
+              f"{sharded['save_ms'] / ranks['save_ms']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -147,6 +147,18 @@ def agree_on_count(count: int | None, what: str) -> None:
             "or give each rank's loader the same length")
 
 
+def failures_across_ranks(error: BaseException | None) -> dict[int, str]:
+    """Every rank's failure at this point (rank -> message; empty when none failed), on every rank:
+    a collective that lets all ranks take the same decision after each tried its own part (e.g.
+    wrote its shard of a checkpoint). ``{}`` or ``{0: ...}`` outside a distributed run."""
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    if not active():
+        return {} if message is None else {0: message}
+    messages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return {r: m for r, m in enumerate(messages) if m is not None}
+
+
 def run_on_main(func, args=None, kwargs=None, post_func=None, post_args=None, post_kwargs=None,
                 run_post_on_main=False):
     """SpeechBrain's ``run_on_main``: ``func`` on rank 0 only (data preparation, folder creation),

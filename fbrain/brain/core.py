@@ -47,6 +47,7 @@ from fbrain import optim
 from fbrain import checkpoint as _checkpoint
 from fbrain import distributed as _distributed
 from fbrain import sharding
+from fbrain.checkpoint import shards as _shards
 from fbrain.brain.binding import Binding
 from fbrain.brain.checkpointing import INTRA_EPOCH_FLAG, IntraEpochSchedule, skip_batches
 from fbrain.brain.contexts import PrecisionContext
@@ -158,7 +159,7 @@ class Brain:
         #: With ``eval_with_ema``: the averaged weights while a valid or test stage runs (else None).
         self.eval_params = None
         self.eval_rng = None  # during an eval stage: the key its next batch draws from
-        self._whole_for_save = None  # shard_optimizer_state: the gathered state rank 0 saves next
+        self._shards_written_to = None  # shard_optimizer_state: the folder this rank's shard went to
         if checkpointer is not None and hasattr(checkpointer, "add_recoverable") and \
                 "brain" not in getattr(checkpointer, "recoverables", {}):
             # SpeechBrain's own Checkpointer (a recipe's YAML may make one) finds hooks by class.
@@ -206,13 +207,16 @@ class Brain:
             return state
         return sharding.shard_state(state, self._layout.transformation(), group)
 
-    def _fbrain_before_save(self) -> None:
-        """Called on every rank before fbrain's Checkpointer saves (rank 0 writes): a sharded optimizer
-        state is gathered whole, so the checkpoint fits any number of ranks."""
+    def _fbrain_save_shard(self, folder) -> None:
+        """Called on every rank by fbrain's Checkpointer before rank 0 saves the Brain: with sharded
+        optimizer state, each rank writes its own shard into ``folder`` (the whole state is never
+        gathered); the Brain's file then holds everything else."""
+        self._shards_written_to = None
         group = self.shard_group
-        if group is not None and self._state is not None and self._layout is not None:
-            # Rank 0 gets the whole state (the others None: they keep only their shard).
-            self._whole_for_save = sharding.gather_opt_state(self._state, self._layout.transformation(), group, dst=0)
+        if group is not None and self._state is not None:
+            _shards.write(folder, torch.distributed.get_rank(group), torch.distributed.get_world_size(group),
+                          self._state.opt_state)
+            self._shards_written_to = folder
 
     def ensure_state(self) -> TrainState:
         """``brain.state`` and the optimizer views, made now if they are not yet (``fit`` does this
@@ -231,18 +235,20 @@ class Brain:
     def _save(self, path):
         """The Brain's checkpoint file: its TrainState and where the epoch stands (the running loss
         exactly, pending losses included)."""
-        state = self.state
+        state, shards = self.state, None
         if self.shard_group is not None:
-            state, self._whole_for_save = self._whole_for_save, None
-            if state is None:
+            if self._shards_written_to != _shards.folder_of(path):
                 raise _checkpoint.CheckpointError(
-                    f"{path}: a Brain with shard_optimizer_state is saved by fbrain's Checkpointer (which gathers the "
-                    "shards from every rank first); use fbrain.Checkpointer in place of SpeechBrain's")
+                    f"{path}: a Brain with shard_optimizer_state is saved by fbrain's Checkpointer (every rank "
+                    "writes its shard of the optimizer state); use fbrain.Checkpointer in place of SpeechBrain's")
+            # The optimizer state is in the shard files beside this one, with what reads it back.
+            shards = sharding.shards_record(state, self._layout.transformation(), self.shard_group)
+            state = state.replace(opt_state=None)
         _checkpoint.save(path, {
             "state": state, "step": self.step, "optimizer_step": self.optimizer_step,
             "train_loss": self._train_loss.mean.record(),
             "nonfinite_base": self._nonfinite_base, "nonfinite_extra": self._nonfinite_extra,
-            "nonfinite_checked": self._nonfinite_checked,
+            "nonfinite_checked": self._nonfinite_checked, "opt_state_shards": shards,
         })
 
     @mark_as_preparer
@@ -257,6 +263,8 @@ class Brain:
                 not (record["nonfinite_base"] is None or isinstance(record["nonfinite_base"], torch.Tensor)):
             raise _checkpoint.CheckpointError(f"{path}: the Brain's counters are damaged ({counts!r:.80})")
         saved = record["state"]
+        if record.get("opt_state_shards") is not None:  # saved sharded: each rank's file beside this one
+            saved = sharding.read_opt_state_shards(saved, record["opt_state_shards"], _shards.folder_of(path))
         if self._layout is not None and isinstance(saved, TrainState):
             saved = saved.replace(opt_state=self._layout.upgrade(saved.opt_state))
         # Strict where it matters: the saved state must fit the modules and optimizers we have (and

@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import json
 import logging
@@ -41,7 +42,7 @@ from typing import Any, Callable
 import torch
 
 from fbrain import distributed
-from fbrain.checkpoint import torch_files
+from fbrain.checkpoint import shards, torch_files
 from fbrain.checkpoint.files import fsync_dir
 from fbrain.checkpoint.reading import is_fbrain_file, verify_file
 from fbrain.checkpoint.recoverables import (  # noqa: F401 - mark_as_*: also importable from here
@@ -164,49 +165,78 @@ class Checkpointer:
                         name: str | None = None, verbosity: int = logging.INFO) -> Checkpoint | None:
         """Save every recoverable into a new ``CKPT+...`` folder; it appears only once complete.
 
-        In a distributed run only rank 0 writes (the others get None); every rank waits until it
-        is written, so all can read it afterwards.
+        In a distributed run rank 0 writes (the others get None), and every rank waits until it is
+        written, so all can read it afterwards. A recoverable sharded across the ranks (a Brain with
+        ``shard_optimizer_state``) has every rank write its own shard file into the folder
+        (:mod:`fbrain.checkpoint.shards`), which must then be on a file system every rank sees; the
+        folder appears only once every rank has written, and if any rank fails nothing is saved and
+        every rank raises a CheckpointError naming it.
         """
-        for obj in self.recoverables.values():
-            # On every rank: a recoverable sharded across the ranks gathers itself for rank 0 to write.
-            before_save = getattr(obj, "_fbrain_before_save", None)
-            if callable(before_save):
-                before_save()
-        if not distributed.is_main_process():
-            distributed.barrier()
-            return None
-        try:
-            with self.writer_lock:
-                return self._write_checkpoint(meta, end_of_epoch, name, verbosity)
-        finally:
-            distributed.barrier()
+        savers = {key: obj._fbrain_save_shard for key, obj in self.recoverables.items()
+                  if callable(getattr(obj, "_fbrain_save_shard", None))}
+        main = distributed.is_main_process()
+        tmp = final = None
+        with contextlib.ExitStack() as held:
+            try:
+                failure = None
+                if main:
+                    try:
+                        held.enter_context(self.writer_lock)
+                        self._remove_leftovers()
+                        final = self._new_folder_name(name)
+                        tmp = tempfile.mkdtemp(prefix=f"{final}{TMP_MARK}", dir=self.checkpoints_dir)
+                    except Exception as err:  # noqa: BLE001 - told to every rank below, then raised
+                        failure = err
+                if savers:  # the same recoverables on every rank: all take part
+                    tmp, final, told = distributed.ddp_broadcast((tmp, final, failure and repr(failure)))
+                    if told is not None and failure is None:
+                        raise CheckpointError(f"{self.checkpoints_dir}: rank 0 could not start the checkpoint ({told})")
+                if failure is not None:
+                    raise failure
+                if savers:
+                    self._save_shards(savers, pathlib.Path(tmp))
+                return self._write_checkpoint(tmp, final, meta, end_of_epoch, verbosity) if main else None
+            except BaseException:
+                if main and tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            finally:
+                distributed.barrier()
 
-    def _write_checkpoint(self, meta, end_of_epoch, name, verbosity) -> Checkpoint:
-        self._remove_leftovers()
-        final = self._new_folder_name(name)
-        tmp = tempfile.mkdtemp(prefix=f"{final}{TMP_MARK}", dir=self.checkpoints_dir)
+    def _save_shards(self, savers: dict[str, Callable], tmp: pathlib.Path) -> None:
+        """Every rank writes its shard files into ``tmp``; raises on every rank if any rank failed."""
+        error = None
         try:
-            paramfiles = {}
-            for key, obj in self.recoverables.items():
-                hook = self.custom_save_hooks.get(key)
-                path = pathlib.Path(tmp, file_name(key, obj, hook))  # hooks get a Path, as SpeechBrain's do
-                hook(obj, path) if hook is not None else default_save(obj, path)
-                paramfiles[key] = path
-            full_meta = {**(meta or {}), "end-of-epoch": end_of_epoch, "unixtime": time.time()}
-            full_meta = json.loads(json.dumps(full_meta, default=_json_number))  # as it will read back
-            # The names saved, under the checksum: a file missing later is damage, a recoverable not
-            # named was added after this checkpoint (see _refuse_a_recoverable_no_checkpoint_has).
-            stored = {**full_meta, RECOVERABLES_KEY: sorted(paramfiles)}
-            with open(os.path.join(tmp, META_FILE), "w") as f:
-                json.dump({**stored, CHECKSUM_KEY: meta_checksum(stored)}, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(tmp)
-            os.replace(tmp, os.path.join(self.checkpoints_dir, final))
-            fsync_dir(self.checkpoints_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            for key, save_shard in savers.items():
+                paramfile = tmp / file_name(key, self.recoverables[key], self.custom_save_hooks.get(key))
+                save_shard(shards.folder_of(paramfile))
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it before anyone raises
+            error = err
+        failed = distributed.failures_across_ranks(error)
+        if failed:
+            listed = "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items()))
+            raise CheckpointError(f"{self.checkpoints_dir}: not every rank could write its shard of the checkpoint "
+                                  f"({listed}); nothing was saved") from error
+
+    def _write_checkpoint(self, tmp, final, meta, end_of_epoch, verbosity) -> Checkpoint:
+        paramfiles = {}
+        for key, obj in self.recoverables.items():
+            hook = self.custom_save_hooks.get(key)
+            path = pathlib.Path(tmp, file_name(key, obj, hook))  # hooks get a Path, as SpeechBrain's do
+            hook(obj, path) if hook is not None else default_save(obj, path)
+            paramfiles[key] = path
+        full_meta = {**(meta or {}), "end-of-epoch": end_of_epoch, "unixtime": time.time()}
+        full_meta = json.loads(json.dumps(full_meta, default=_json_number))  # as it will read back
+        # The names saved, under the checksum: a file missing later is damage, a recoverable not
+        # named was added after this checkpoint (see _refuse_a_recoverable_no_checkpoint_has).
+        stored = {**full_meta, RECOVERABLES_KEY: sorted(paramfiles)}
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump({**stored, CHECKSUM_KEY: meta_checksum(stored)}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        os.replace(tmp, os.path.join(self.checkpoints_dir, final))
+        fsync_dir(self.checkpoints_dir)
         path = self.checkpoints_dir / final
         log.log(verbosity, "saved checkpoint %s", path)
         return Checkpoint(path, full_meta, {k: path / v.name for k, v in paramfiles.items()})
@@ -296,6 +326,8 @@ class Checkpointer:
                 verify_file(path)
             elif zip_file:
                 torch_files.verify(path)
+            if os.path.isdir(shards.folder_of(path)):  # saved sharded: every rank's file, too
+                shards.verify(shards.folder_of(path))
 
     def load_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Load every recoverable from ``checkpoint``, or (raising the error) change none."""

@@ -1,6 +1,7 @@
 """Launched by tests/test_distributed.py: fbrain.Brain under torchrun (or alone, for the reference).
 
 usage: ddp_brain.py OUT_DIR PER_RANK_BATCH [--dropout] [--batch-sampler] [--epochs N] [--shard]
+                    [--fail-shard-write N]
                    [--kill-at-step N | --signal-at-step N | --every-3-steps]
 
 Trains an MLP with dropout for 2 epochs on 32 examples (shuffle=False, so the shards are
@@ -12,7 +13,8 @@ step of epoch 2, and intra-epoch checkpoints come every 3 steps (as with --every
 gives the same arithmetic without a signal). --dropout puts a Dropout(0.3) in the model.
 --batch-sampler gives fit a batch_sampler (batches of PER_RANK_BATCH in order), which fbrain shards
 across the ranks. --epochs N trains N epochs (default 2); --shard keeps the optimizer state sharded
-(run option shard_optimizer_state).
+(run option shard_optimizer_state). --fail-shard-write N makes rank 1's N-th shard write fail (a
+full disk); fit's error is written to error-rank<R>.txt and the script ends there.
 """
 
 import os
@@ -61,7 +63,24 @@ if "--batch-sampler" in options:
     loader_kwargs = {"batch_sampler": torch.utils.data.BatchSampler(range(len(data)), batch_size, drop_last=False)}
 else:
     loader_kwargs = {"batch_size": batch_size, "shuffle": False}
-brain.fit(counter, data, train_loader_kwargs=loader_kwargs)
+if "--fail-shard-write" in options:
+    fail_at, writes, write = int(options[options.index("--fail-shard-write") + 1]), [], fbrain.checkpoint.shards.write
+
+    def failing_write(folder, rank, world, tree):
+        writes.append(folder)
+        if rank == 1 and len(writes) == fail_at:
+            raise OSError(28, "No space left on device (injected)")
+        write(folder, rank, world, tree)
+    fbrain.checkpoint.shards.write = failing_write
+try:
+    brain.fit(counter, data, train_loader_kwargs=loader_kwargs)
+except checkpoint.CheckpointError as err:
+    if "--fail-shard-write" not in options:
+        raise
+    with open(os.path.join(out_dir, f"error-rank{fbrain.distributed.rank()}.txt"), "w") as f:
+        f.write(str(err))
+    sys.stdout.flush()
+    os._exit(0)
 state = brain.state
 if brain.shard_group is not None:  # the whole optimizer state, to compare with replicated runs
     state = fbrain.sharding.gather_opt_state(state, brain._layout.transformation(), brain.shard_group)

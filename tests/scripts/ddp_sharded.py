@@ -2,7 +2,7 @@
 
 usage: ddp_sharded.py OUT_DIR
 
-On each rank, for Adam and SGD with momentum, with and without clipping (max_grad_norm=0.05, so it
+On each rank, for Adam and SGD with momentum (and Adam with small collective buckets), with and without clipping (max_grad_norm=0.05, so it
 clips), trains one state replicated and one with sharded optimizer state for 20 steps on the same
 batches (rank-dependent), step 7's batch holding an inf on rank 1 (a non-finite step on every
 rank). Writes OUT_DIR/rank{R}.json with the largest parameter difference per case, whether the
@@ -23,6 +23,7 @@ from fbrain import optim, sharding
 dist.init_process_group("gloo")
 rank, out_dir = dist.get_rank(), sys.argv[1]
 group = dist.group.WORLD
+BUCKET_ELEMENTS = sharding.BUCKET_ELEMENTS
 
 
 def model():
@@ -44,7 +45,10 @@ def elements(tree):
 
 results = {}
 for name, opt in {"adam": optim.adam(1e-2), "sgd": optim.sgd(0.05, momentum=0.9),
-                  "adam-arithmetic": optim.adam(1e-2, fused=False)}.items():
+                  "adam-arithmetic": optim.adam(1e-2, fused=False),
+                  "adam-arithmetic-buckets": optim.adam(1e-2, fused=False)}.items():
+    # "-buckets": collectives of at most 40 elements per rank: the 7x13 weight alone, the rest together.
+    sharding.BUCKET_ELEMENTS = 40 if name.endswith("-buckets") else BUCKET_ELEMENTS
     for clip in (None, 0.05):
         replicated = fbrain.TrainState.create(net, opt, seed=0)
         sharded = sharding.shard_state(replicated, opt, group)
