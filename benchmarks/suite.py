@@ -1,16 +1,19 @@
 """The benchmark suite: fbrain beside SpeechBrain and plain PyTorch on the same workloads.
 
-    python -m benchmarks [--quick | --full] [--out DIR] [--device cpu|cuda]
+    python -m benchmarks [--quick | --full] [--out DIR] [--device cpu|cuda] [--contended [N]]
 
 For each workload every system trains the same model from the same weights on the same batches.
 After a warm-up the systems take turns (A B C A B C ...) so that noise on a shared machine hits
 them alike; the figures are medians of the turns. Peak memory is measured per system in a fresh
-process (RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
+process (RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA). The cold start is the time from
+building a system to its first finished step (compiling included). ``--contended`` runs CPU-bound
+processes beside the suite, as on a busy machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -102,8 +105,13 @@ def run_workload(name: str, device: torch.device, mode: str, memory: bool, progr
         row = {"workload": name, "system": cls.name, "error": None}
         rows[cls.name] = row
         try:
+            # Cold start: from building the system to its first finished step (compiling included;
+            # for SpeechBrain, its worker process's start and imports too).
+            started = time.perf_counter()
             system = cls(workload, batches, device)
-            system.run(warmup)  # first calls compile, allocate, fill caches
+            system.run(1)
+            row["cold_start_s"] = time.perf_counter() - started
+            system.run(warmup - 1) if warmup > 1 else None  # first calls compile, allocate, fill caches
             for count in CHECK_CALLS:
                 system.run(count)
             row["check_loss"] = system.loss()
@@ -159,17 +167,17 @@ def _ratios_and_agreement(rows: list[dict]) -> None:
 def markdown(rows: list[dict], info: dict) -> str:
     out = [f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), "
            f"torch {info['torch']}, device {info['device']}{', ' + info['gpu'] if 'gpu' in info else ''}; "
-           f"{info['date']}.", ""]
+           f"{info['date']}{'; contended: ' + str(info['contended']) + ' CPU-bound processes beside' if info.get('contended') else ''}.", ""]
     for name in dict.fromkeys(r["workload"] for r in rows):
         per_turn = next((r["steps_per_turn"] for r in rows if r["workload"] == name and r.get("steps_per_turn")), None)
         timing = f" ({per_turn} steps a turn)" if per_turn else ""
         out += [f"### {name}: {WORKLOADS[name].note}{timing}", "",
-                "| system | us/step (median) | min | max | steps/s | peak MB | x torch-loop | x speechbrain "
-                f"| x fwd+bwd | loss after {sum(CHECK_CALLS)} steps | final loss |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| system | us/step (median) | min | max | steps/s | peak MB | cold start s | x torch-loop "
+                f"| x speechbrain | x fwd+bwd | loss after {sum(CHECK_CALLS)} steps | final loss |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in (r for r in rows if r["workload"] == name):
             if r.get("us_per_step") is None:
-                out.append(f"| {r['system']} | ERROR: {r['error']} | | | | | | | | | |")
+                out.append(f"| {r['system']} | ERROR: {r['error']} | | | | | | | | | | |")
                 continue
             fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
             trains = r.get("trains", True)
@@ -178,7 +186,8 @@ def markdown(rows: list[dict], info: dict) -> str:
                 check += f" ERROR: {r['error']}"
             loss = fmt(r["final_loss"], ".6g") if trains else "(no update)"
             out.append(f"| {r['system']} | {r['us_per_step']:.0f} | {r['us_min']:.0f} | {r['us_max']:.0f} | "
-                       f"{r['steps_per_s']:.1f} | {fmt(r['peak_mem_mb'], '.0f')} | {fmt(r['x_torch-loop'], '.2f')} | "
+                       f"{r['steps_per_s']:.1f} | {fmt(r['peak_mem_mb'], '.0f')} | {fmt(r.get('cold_start_s'), '.2f')} | "
+                       f"{fmt(r['x_torch-loop'], '.2f')} | "
                        f"{fmt(r['x_speechbrain'], '.2f')} | {fmt(r['x_fwd+bwd'], '.2f')} | {check} | {loss} |")
         out.append("")
     return "\n".join(out)
@@ -229,6 +238,19 @@ def chart(rows: list[dict], path: str, info: dict, mode: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+@contextlib.contextmanager
+def contention(processes: int):
+    """``processes`` CPU-bound processes (a Python busy loop each) running while the block runs: the
+    suite on a busy machine, where thread pools and spinning kernels suffer."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield busy
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--memory-probe"]:
@@ -242,17 +264,20 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), help="a subset to run")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-system peak-memory processes")
+    parser.add_argument("--contended", nargs="?", type=int, const=2, default=0, metavar="N",
+                        help="run N (default 2) CPU-bound processes beside the suite, as on a busy machine")
     args = parser.parse_args(argv)
     mode = args.mode or "quick"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
     names = args.workloads or (FULL if mode == "full" else QUICK)
-    info = machine(device)
+    info = {**machine(device), "contended": args.contended}
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     rows = []
-    with tqdm(total=len(names) * MODES[mode][1], desc="benchmarks", unit="turn") as progress:
+    with contention(args.contended), \
+            tqdm(total=len(names) * MODES[mode][1], desc="benchmarks", unit="turn") as progress:
         for name in names:
             progress.set_postfix_str(name)
             rows += run_workload(name, device, mode, memory=not args.no_memory and mode != "tiny", progress=progress)

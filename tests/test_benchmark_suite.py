@@ -7,6 +7,7 @@ proves the suite runs end to end, writes its JSON, table and chart, and that the
 from __future__ import annotations
 
 import json
+import time
 import os
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def test_tiny_suite_has_every_system_and_workload_and_they_agree(tmp_path):
             continue
         assert row["error"] is None, row
         assert row["us_per_step"] > 0 and row["steps_per_s"] > 0
+        assert row["cold_start_s"] > 0  # building the system and its first step, timed
         if row["trains"]:
             assert row["check_loss"] == rows[(key[0], "torch-loop")]["check_loss"] or \
                 abs(row["check_loss"] / rows[(key[0], "torch-loop")]["check_loss"] - 1) < 1e-4
@@ -54,3 +56,18 @@ def test_the_chart_shows_each_systems_median_and_spread_against_torch_loop_of_th
     bars = chart_bars(rows)
     assert bars["torch-loop"] == [(1.0, 0.9, 1.5)] and bars["speechbrain"] == [(2.0, 1.8, 4.0)]
     assert bars[SYSTEMS[-1].name] == [(0.0, 0.0, 0.0)]  # did not run: no bar
+
+
+def test_contention_runs_busy_processes_only_while_the_suite_runs():
+    from benchmarks.suite import contention
+
+    def cpu_ticks(pid):  # user + system clock ticks of a process (/proc/PID/stat fields 14 and 15)
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    with contention(2) as busy:
+        assert len(busy) == 2 and all(p.poll() is None for p in busy)
+        time.sleep(1.0)
+        assert all(cpu_ticks(p.pid) > 0 for p in busy)  # they burn CPU
+    assert all(p.poll() is not None for p in busy)  # gone once the block ends

@@ -98,8 +98,12 @@ def _per_tensor(*args) -> bool:
 
 def addcmul(a: list[torch.Tensor], b: list[torch.Tensor], c) -> list[torch.Tensor]:
     """``a + b * c`` with torch's ``addcmul`` rounding (one rounding of the multiply-add on the CPU:
-    what torch.optim's ``add(param, alpha=wd)`` and ``addcmul_`` compute). ``c``: a list or a 0-dim
-    tensor."""
+    what torch.optim's ``add(param, alpha=wd)`` and ``addcmul_`` compute). ``c``: a list, a 0-dim
+    tensor, or a Python number (then it is torch.optim's own ``add(b, alpha=c)``)."""
+    if isinstance(c, (int, float)):
+        if any_batched(a, b):
+            return [torch.add(x, y, alpha=c) for x, y in zip(a, b)]
+        return list(torch._foreach_add(a, b, alpha=c))
     cs = c if isinstance(c, (list, tuple)) else [c] * len(a)
     if _per_tensor(a, b, cs):
         return [torch.addcmul(x, y, z) for x, y, z in zip(a, b, cs)]

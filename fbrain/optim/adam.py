@@ -77,7 +77,7 @@ def adam(
         float64 numbers rounded to the tensors' dtype): the change ``delta``, the factor
         ``shrink`` AdamW multiplies the parameters by first (None for Adam), and the new state."""
         h = hp.current(state.hyperparams, schedules, state.count)
-        x = hp.as_tensors(h, state.count.device)
+        x = hp.operands(h, state.count.device)
         lr_, b1, b2 = x["lr"], x["beta1"], x["beta2"]
         count = state.count + 1
         names, g = ordered(grads)
@@ -93,7 +93,8 @@ def adam(
             second = fe.maximum([nu_max[n] for n in names], nu)
             nu_max = {**nu_max, **dict(zip(names, second))}
 
-        bias_correction1, bias_correction2_sqrt = hp.hoisted(1 - b1**count, torch.sqrt(1 - b2**count))
+        steps = count.to(lr_.dtype)  # float64: b ** steps rounds as torch.optim's Python ``beta ** step``
+        bias_correction1, bias_correction2_sqrt = hp.hoisted(1 - b1**steps, torch.sqrt(1 - b2**steps))
         denom = fe.sqrt(second)
         fe.div_(denom, c(bias_correction2_sqrt))
         fe.add_(denom, c(x["eps"]))

@@ -123,6 +123,14 @@ def as_tensors(hyperparams: dict[str, Any], device: torch.device) -> dict[str, t
     return {k: _scalar(v.value, dtype, device) if isinstance(v, Static) else v for k, v in hyperparams.items()}
 
 
+def operands(hyperparams: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Every hyperparameter as the update arithmetic takes it: a :class:`Static` one as its Python
+    number (as torch.optim passes it to a kernel, rounded by the kernel to the tensors' dtype; no
+    tensor to make per step), a tensor one as it is. Expressions of the two are numbers or float64
+    tensors, each rounded once, as torch.optim's Python arithmetic rounds them."""
+    return {k: v.value if isinstance(v, Static) else v for k, v in hyperparams.items()}
+
+
 def host_values(hyperparams: dict[str, Any], names: list[str]) -> dict[str, float] | None:
     """The Python numbers of ``names`` (all :class:`Static`), or None if one is a tensor (scheduled)."""
     out = {}
@@ -141,6 +149,8 @@ def scalar(value: torch.Tensor, like: list[torch.Tensor]) -> torch.Tensor:
     compiled update from computing the whole kernel in float64 (several times slower on CPU).
     float16/bfloat16 tensors get float32 scalars, as torch.optim's Python floats would.
     """
+    if not isinstance(value, torch.Tensor):
+        return value  # a Python number: the kernel rounds it to the tensors' dtype itself
     dtype = like[0].dtype if like and like[0].dtype in (torch.float32, torch.float64) else torch.float32
     return value.to(dtype)
 
@@ -151,9 +161,10 @@ def hoisted(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
     Inductor inlines cheap scalar arithmetic into every elementwise loop that reads it, and a scalar
     ``pow`` then runs once per vector of every parameter: Adam's bias corrections made a compiled
-    MLP update 3.6x slower (827 us against 232 us). A ``stack`` is not inlined.
+    MLP update 3.6x slower (827 us against 232 us). A ``stack`` is not inlined. Eagerly there is
+    nothing to hoist: ``values`` as they are.
     """
-    return tuple(torch.stack(values).unbind(0))
+    return tuple(torch.stack(values).unbind(0)) if torch.compiler.is_compiling() else values
 
 
 def validate(name: str, value: Hyperparam, low: float = 0.0, high: float | None = None) -> None:
