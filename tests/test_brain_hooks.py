@@ -654,6 +654,43 @@ def test_compile_steps_compiles_the_whole_step_and_gives_the_eager_results():
     torch._dynamo.reset()
 
 
+def test_compile_steps_auto_compiles_the_train_step_of_a_fit_long_enough_only(caplog):
+    """The default compile_steps="auto": a fit planning fewer than auto_compile_min_steps train
+    steps runs eagerly; one planning at least that many runs its train step compiled (eval stays
+    eager), says so, and trains as the eager run within 1e-5."""
+    import logging
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager, eager_test = _steps_run({})  # 2 epochs x 6 batches: 12 planned steps, far below 20,000
+    assert eager.compile_steps == "auto" and not eager._steps._compilers
+    with caplog.at_level(logging.INFO, logger="fbrain.brain.default_steps"):
+        auto, auto_test = _steps_run({"auto_compile_min_steps": 12})
+    assert "compile_steps=auto: this fit plans 12 train steps" in caplog.text
+    assert list(auto._steps._compilers) == ["train"] and not auto._steps._compilers["train"].failed
+    assert max(abs(a - b) for a, b in zip(auto.losses, eager.losses)) < 1e-5 and len(auto.losses) == 12
+    assert auto_test == pytest.approx(eager_test, abs=1e-5)
+    auto.fit(range(2, 3), STEPS_DATA, train_loader_kwargs={"batch_size": 4})  # plans 6: eager
+    assert not auto._steps.compile_train and len(auto.losses) == 18
+    torch._dynamo.reset()
+
+
+def test_the_planned_train_steps_count_epochs_left_batches_and_limits():
+    from fbrain.brain.auto_compile import planned_train_steps
+
+    counter = fbrain.EpochCounter(limit=5)
+    counter.current = 2  # resumed after epoch 2
+    assert planned_train_steps(counter, range(10)) == 30
+    assert planned_train_steps(counter, range(10), done_in_epoch=4) == 26  # resumed mid-epoch
+    assert planned_train_steps(counter, range(10), step_limit=7) == 7
+    assert planned_train_steps(range(3), range(10)) == 30
+    assert planned_train_steps(iter(range(3)), range(10)) is None  # a counter without a length
+    assert planned_train_steps(range(3), iter(range(10))) is None  # a loader without a length
+    with pytest.raises(ValueError, match="compile_steps: expected true, false or auto"):
+        fbrain.Brain({"m": torch.nn.Linear(1, 1)}, run_opts={"compile_steps": "yes"})
+
+
 def test_compile_steps_dropout_is_a_function_of_the_brains_seed():
     import torch._dynamo
 

@@ -48,6 +48,7 @@ from fbrain import checkpoint as _checkpoint
 from fbrain import distributed as _distributed
 from fbrain import sharding
 from fbrain.checkpoint import shards as _shards
+from fbrain.brain.auto_compile import planned_train_steps
 from fbrain.brain.binding import Binding
 from fbrain.brain.checkpointing import INTRA_EPOCH_FLAG, IntraEpochSchedule, skip_batches
 from fbrain.brain.contexts import PrecisionContext
@@ -584,6 +585,7 @@ class Brain:
         if self.shard_group is not None and type(self).fit_batch is not Brain.fit_batch:
             raise ValueError(f"run option shard_optimizer_state: {type(self).__name__} overrides fit_batch; sharded "
                              "optimizer state works with the default fit_batch (the pure step) only")
+        self._steps.plan_fit(self._planned_train_steps(epoch_counter, train_set))
         enable = (not self.noprogressbar) if progressbar is None else bool(progressbar)
         enable = enable and _distributed.is_main_process()  # one progress bar per run, not per rank
         self._profiler = None
@@ -605,6 +607,15 @@ class Brain:
             if self._profiler is not None:
                 self._profiler.finish()  # fit ended before the profiled steps: keep what was recorded
                 self._profiler = None
+
+    def _planned_train_steps(self, epoch_counter, train_set) -> int | None:
+        """The train steps this fit will take, as far as known before it starts (compile_steps="auto")."""
+        limits = []
+        if self.optimizer_step_limit is not None:
+            limits.append((self.optimizer_step_limit - self.optimizer_step) * self.grad_accumulation_factor)
+        if self.debug:
+            limits.append(self.debug_epochs * self.debug_batches)
+        return planned_train_steps(epoch_counter, train_set, self.step, min(limits) if limits else None)
 
     def _step_limit_reached(self) -> bool:
         return self.optimizer_step_limit is not None and self.optimizer_step >= self.optimizer_step_limit

@@ -4,7 +4,7 @@ A step's loss function swaps the state's parameters and buffers into the Brain's
 duration of ``compute_forward`` + ``compute_objectives`` (:func:`fbrain.functional.swapped`), so a
 recipe's hooks run unchanged inside a pure step. Steps are built once per (number of micro-batches,
 optimizers that step) and kept; with the ``compile_steps`` run option they run compiled
-(:mod:`fbrain.brain.compiled_steps`).
+(:mod:`fbrain.brain.compiled_steps`; ``"auto"``, the default: :mod:`fbrain.brain.auto_compile`).
 
 Example::
 
@@ -14,14 +14,19 @@ Example::
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from fbrain import distributed as _distributed
 from fbrain.batches import MicroBatches
+from fbrain.brain.auto_compile import compiles_train_step
 from fbrain.brain.compiled_steps import StepCompiler
 from fbrain.brain.stage import Stage
 from fbrain.functional import swapped
 from fbrain.step import make_eval_step, make_train_step
+
+logger = logging.getLogger(__name__)
 
 _OUTPUTS = "fbrain.brain.outputs"  # aux key carrying compute_forward's outputs out of the step
 
@@ -36,6 +41,26 @@ class DefaultSteps:
         self._eval = None
         self._eval_stage = Stage.VALID
         self._compilers: dict = {}  # compile_steps: "train"/"eval" -> StepCompiler, kept across fits
+        self._planned: int | None = None  # train steps the current fit plans (compile_steps="auto")
+
+    def plan_fit(self, planned: int | None) -> None:
+        """A fit starts that plans ``planned`` train steps (None: unknown): with compile_steps="auto"
+        this decides whether its train step runs compiled (:mod:`fbrain.brain.auto_compile`)."""
+        brain = self.brain
+        self._planned = planned
+        if brain.compile_steps == "auto" and self.compile_train:
+            logger.info("compile_steps=auto: this fit plans %d train steps (>= auto_compile_min_steps=%d); the "
+                        "train step runs compiled (compile_steps=false keeps it eager)", planned,
+                        brain.auto_compile_min_steps)
+
+    @property
+    def compile_train(self) -> bool:
+        brain = self.brain
+        return compiles_train_step(brain.compile_steps, self._planned, brain.auto_compile_min_steps)
+
+    @property
+    def compile_eval(self) -> bool:
+        return self.brain.compile_steps is True
 
     def clear(self) -> None:
         """Forget the built train steps (a new optimizer layout)."""
@@ -84,7 +109,7 @@ class DefaultSteps:
         step = self._train_step(layout, (len(batches), active))
         # Micro-batches stay apart: padded batches of different lengths cannot be stacked.
         batch = batches[0] if len(batches) == 1 else MicroBatches(batches)
-        if brain.compile_steps:
+        if self.compile_train:
             brain.state, metrics = self._compiler("train")(step, brain.state, batch)
         else:
             brain.state, metrics = step(brain.state, batch)
@@ -101,7 +126,7 @@ class DefaultSteps:
         state = brain.state.replace(rng=brain.eval_rng if brain.eval_rng is not None else brain.state.rng)
         if brain.eval_params is not None:  # eval_with_ema: the averaged weights for this stage
             state = state.replace(params={**state.params, **brain.eval_params})
-        if brain.compile_steps:
+        if self.compile_eval:
             metrics = self._compiler("eval")(self._eval, state, batch)
         else:
             metrics = self._eval(state, batch)

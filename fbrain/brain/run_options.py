@@ -45,8 +45,11 @@ DEFAULTS: dict[str, Any] = {
     "compile_module_keys": None,
     "compile_mode": "reduce-overhead",
     "compile_using_fullgraph": False,
-    # fbrain's own: compile the default fit_batch's and evaluate_batch's whole pure steps.
-    "compile_steps": False,
+    # fbrain's own: compile the default fit_batch's and evaluate_batch's whole pure steps: True,
+    # False, or "auto": the train step when a fit plans at least auto_compile_min_steps steps
+    # (fbrain/brain/auto_compile.py).
+    "compile_steps": "auto",
+    "auto_compile_min_steps": 20_000,
     # fbrain's own: under torchrun, each rank keeps and updates 1/N of the optimizer state (ZeRO).
     "shard_optimizer_state": False,
     # fbrain's own: an exponential moving average of the weights (optim.with_ema around every
@@ -99,7 +102,9 @@ HELP = {
     "compile": "torch.compile the modules",
     "compile_mode": "torch.compile mode",
     "compile_using_fullgraph": "torch.compile with fullgraph=True",
-    "compile_steps": "torch.compile the whole train and eval steps (forward, backward, clipping, update)",
+    "compile_steps": "torch.compile the whole train and eval steps (forward, backward, clipping, update): "
+                     "true, false, or auto (the train step, when a fit plans auto_compile_min_steps steps)",
+    "auto_compile_min_steps": "with compile_steps=auto, the fewest planned train steps that compile the train step",
     "shard_optimizer_state": "under torchrun, keep and update 1/N of the optimizer state on each rank (ZeRO)",
     "ema_decay": "keep an exponential moving average of the weights with this decay (e.g. 0.999)",
     "eval_with_ema": "evaluate (valid and test) with the averaged weights of ema_decay",
@@ -209,10 +214,13 @@ def validate(opts: dict[str, Any]) -> None:
     for name in ("precision", "eval_precision"):
         if opts[name] not in PRECISIONS:
             raise ValueError(f"run option {name}: expected one of {PRECISIONS}, got {opts[name]!r}")
-    for name in ("grad_accumulation_factor", "debug_batches", "debug_epochs", "nonfinite_patience"):
+    for name in ("grad_accumulation_factor", "debug_batches", "debug_epochs", "nonfinite_patience",
+                 "auto_compile_min_steps"):
         value = opts[name]
         if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name != "nonfinite_patience" else 0):
             raise ValueError(f"run option {name}: expected a positive int, got {value!r}")
+    if opts["compile_steps"] not in (True, False, "auto"):
+        raise ValueError(f"run option compile_steps: expected true, false or auto, got {opts['compile_steps']!r}")
     mgn = opts["max_grad_norm"]
     if mgn is not None and (isinstance(mgn, bool) or not isinstance(mgn, (int, float))):
         raise ValueError(f"run option max_grad_norm: expected a number or None, got {mgn!r}")
