@@ -56,12 +56,12 @@ CASES = [
 ]
 
 
-def train_both(torch_ctor, twin, steps=200, foreach=None):
+def train_both(torch_ctor, twin, steps=200, foreach=None, donate=False):
     model, reference = mlp(0), mlp(0)
     kwargs = {} if foreach is None else {"foreach": foreach}
     torch_opt = torch_ctor(reference.parameters(), **kwargs)
     state = fbrain.TrainState.create(model, twin)
-    step = fbrain.make_train_step(regression_loss(model), twin)
+    step = fbrain.make_train_step(regression_loss(model), twin, donate_state=donate)
     for x, y in batches(steps):
         state, _ = step(state, (x, y))
         torch_opt.zero_grad()
@@ -103,15 +103,34 @@ BITWISE = [(n, fused) for n, _, _ in CASES if n.split("-")[0] in ("sgd", "adam",
            for fused in (False, True) if not (fused and "dampening" in n)]
 
 
+@pytest.mark.parametrize("donate", [False, True], ids=["copies", "in-place"])
 @pytest.mark.parametrize("name,fused", BITWISE, ids=[f"{n}-{'fused' if f else 'default'}" for n, f in BITWISE])
-def test_from_torch_is_bit_for_bit_torch_optim(name, fused):
+def test_from_torch_is_bit_for_bit_torch_optim(name, fused, donate):
+    # donate: the step may write into the state's tensors (as the Brain's does), and the update
+    # runs in place as torch's does.
     torch_ctor = next(c for n, c, _ in CASES if n == name)
     ctor = functools.partial(torch_ctor, fused=True) if fused else torch_ctor
     with fused_kernel_calls() as calls:
-        ours, theirs = train_both(ctor, optim.from_torch(ctor), steps=100)
+        ours, theirs = train_both(ctor, optim.from_torch(ctor), steps=100, donate=donate)
     if not fused:
         assert calls == []  # neither torch nor fbrain ran a fused kernel
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs), max_abs_diff(ours, theirs)
+
+
+def test_a_skipped_step_in_place_leaves_the_state_as_it_was():
+    """Adam's in-place arithmetic skips a step (a non-finite gradient) with no host read: zeroed
+    gradients and factors of 0 and 1 make every op an identity; equal values (a zero's sign aside)."""
+    for opt in (optim.adam(1e-2, fused=False), optim.adamw(1e-2, weight_decay=0.1, fused=False)):
+        params = {"w": torch.randn(5, 3), "b": torch.randn(3)}
+        state = opt.init(params)
+        grads = {"w": torch.randn(5, 3), "b": torch.randn(3)}
+        params, state = optim.apply(opt, grads, state, params, torch.tensor(False), in_place=True)
+        before = fbrain.tree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (params, state))
+        grads["w"][1, 2] = float("nan")
+        after = optim.apply(opt, grads, state, params, torch.tensor(True), in_place=True)
+        pairs = zip(fbrain.tree.tree_leaves(after), fbrain.tree.tree_leaves(before))
+        assert all(torch.equal(a, b) for a, b in pairs if isinstance(a, torch.Tensor))
+        assert int(after[1].count) == 1
 
 
 @pytest.mark.parametrize("wrap", [
