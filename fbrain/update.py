@@ -51,7 +51,8 @@ class UpdateRule:
 
     ``max_grad_norm`` None or <= 0 disables clipping (SpeechBrain clips even then). ``precision``
     "fp16" unscales gradients and keeps the dynamic loss scale with ``loss_scale``'s rules.
-    ``donate`` lets the optimizer's fused kernel write into the input state's tensors.
+    ``donate`` lets the update write into the input state's tensors and into the gradients it is
+    given (a step's own), as torch's optimizers and ``clip_grad_norm_`` do: no copies of them.
     """
 
     optimizer: GradientTransformation
@@ -149,7 +150,7 @@ def apply_gradients(
         finite = finite & ~found_inf
     skipped = ~finite
     if rule.max_grad_norm is not None and grads:
-        grads, _ = clip_grads_by_global_norm(grads, rule.max_grad_norm, grad_norm)
+        grads, _ = clip_grads_by_global_norm(grads, rule.max_grad_norm, grad_norm, in_place=rule.donate)
     params, opt_state = apply(rule.optimizer, grads, state.opt_state, state.params, skipped, rule.donate)
     # Under fp16, gradients that overflow while the loss is finite are the loss scale doing its job
     # (GradScaler skips them silently and backs off): skipped, but not a non-finite step, so

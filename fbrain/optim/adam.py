@@ -169,7 +169,7 @@ def adam(
             return None
         keep = (~skip).to(x["lr"].dtype)  # 1 for a step taken, 0 for a skipped one (float64)
         lr_, b1, b2 = x["lr"], x["beta1"], x["beta2"]
-        g = [torch.where(skip, 0.0, t) for t in g]
+        g = [t.masked_fill_(skip, 0.0) for t in g]  # the step's own gradients (donated with the state)
         decay = x["weight_decay"] if has_decay else None
         g = decayed_gradients(g, names, params, None if decoupled_weight_decay else decay, maximize)
         c = lambda value: hp.scalar(value, g)  # noqa: E731

@@ -46,8 +46,8 @@ class GradientTransformation(NamedTuple):
     signature, between a fused kernel and their ``update`` arithmetic (as ``torch.optim.adam``
     dispatches between fused, foreach and single-tensor code); ``chain``, ``partition`` and
     ``frozen`` compose it, so a fused kernel is kept inside them. Without it, :func:`apply` builds
-    it from ``update``. ``in_place`` means the caller donated ``params`` and ``state``: their
-    tensors may be overwritten.
+    it from ``update``. ``in_place`` means the caller donated ``params``, ``state`` and ``grads``
+    (a step's own): their tensors may be overwritten.
     """
 
     init: Callable[[Params], OptState]

@@ -26,18 +26,22 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(fe.norm(tensors)))
 
 
-def clip_grads_by_global_norm(grads: dict, max_norm, norm: torch.Tensor | None = None):
+def clip_grads_by_global_norm(grads: dict, max_norm, norm: torch.Tensor | None = None, in_place: bool = False):
     """``(clipped grads, norm before clipping)``: scale every gradient by ``min(1, max_norm / (norm + 1e-6))``.
 
-    Like torch, the multiplication always happens (by exactly 1.0 when no
-    clipping is needed), so there is no data-dependent branch.
+    Like torch, the multiplication always happens (by exactly 1.0 when no clipping is needed), so
+    there is no data-dependent branch. ``in_place``: the gradients are the caller's own to
+    overwrite (a step's, as ``clip_grad_norm_`` does), which saves a copy of them.
     """
     names = list(grads)
     tensors = [grads[n] for n in names]
     if norm is None:
         norm = global_norm(tensors)
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    return dict(zip(names, fe.mul(tensors, coef.to(tensors[0].dtype)) if tensors else [])), norm
+    if not tensors:
+        return {}, norm
+    scale = coef.to(tensors[0].dtype)
+    return dict(zip(names, fe.mul_(tensors, scale) if in_place else fe.mul(tensors, scale))), norm
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
