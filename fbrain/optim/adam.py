@@ -172,19 +172,30 @@ def adam(
         g = [t.masked_fill_(skip, 0.0) for t in g]  # the step's own gradients (donated with the state)
         decay = x["weight_decay"] if has_decay else None
         g = decayed_gradients(g, names, params, None if decoupled_weight_decay else decay, maximize)
-        c = lambda value: hp.scalar(value, g)  # noqa: E731
         p, mu, nu = ([tree[n] for n in names] for tree in (params, state.mu, state.nu))
         count = state.count + 1
-        if decoupled_weight_decay and decay is not None:
-            fe.mul_(p, c(1 - lr_ * decay * keep))
-        fe.lerp_(mu, g, c((1 - b1) * keep))
-        fe.addcmul_(fe.mul_(nu, c(b2 + (1 - b2) * (1 - keep))), fe.mul(g, c((1 - b2) * keep)), g)
         steps = count.to(lr_.dtype)
-        bias_correction1, bias_correction2_sqrt = 1 - b1**steps, torch.sqrt(1 - b2**steps)
+        bias_correction1 = 1 - b1**steps
+        adamw = decoupled_weight_decay and decay is not None
+        # The step's factors in float64, as torch.optim's Python numbers, rounded to the tensors'
+        # dtype together (one conversion, not six); keep = 0 makes each one an identity.
+        factors = hp.scalar(torch.stack([
+            (1 - b1) * keep,  # mu's lerp weight
+            b2 + (1 - b2) * (1 - keep),  # nu's decay (1 when skipped)
+            (1 - b2) * keep,  # the new squared gradient's weight
+            torch.sqrt(1 - b2**steps),  # the second bias correction's square root
+            -(lr_ / bias_correction1) * keep,  # the step size
+            1 - lr_ * decay * keep if adamw else keep,  # AdamW's shrink of the parameters
+        ]), g)
+        w_mu, decay_nu, w_nu, bias_correction2_sqrt, step_size, shrink = factors.unbind()
+        if adamw:
+            fe.mul_(p, shrink)
+        fe.lerp_(mu, g, w_mu)
+        fe.addcmul_(fe.mul_(nu, decay_nu), fe.mul(g, w_nu), g)
         denom = fe.sqrt(nu)
-        fe.div_(denom, c(bias_correction2_sqrt))
+        fe.div_(denom, bias_correction2_sqrt)
         fe.add_(denom, eps)
-        fe.add_(p, fe.div_(fe.mul(mu, c(-(lr_ / bias_correction1) * keep)), denom))
+        fe.add_(p, fe.div_(fe.mul(mu, step_size), denom))
         new_state = AdamState(torch.where(skip, state.count, count), state.mu, state.nu, state.nu_max, h)
         return params, new_state
 
