@@ -158,7 +158,8 @@ def adam(
         `moments` (so, as torch): none of its per-step copies of the parameters and moments (an
         MLP of 400 K parameters: 5.4 ms a step out of place, as torch's own 1.6 ms in place). A
         skipped step must leave every tensor as it was without a host read: its gradients are
-        zeroed and its factors made 0 and 1, which makes every op an exact identity provided the
+        zeroed (their non-finite entries made 0, then all multiplied by 0; a step taken has only
+        finite gradients, which this leaves as they are) and its factors made 0 and 1, which makes every op an exact identity provided the
         denominator is never 0 (eps > 0); the sign of a zero may flip (-0.0 to 0.0). None where
         this does not serve (eps a schedule or 0, AMSGrad, vmap, compiling): the general arithmetic."""
         h = hp.current(state.hyperparams, schedules, state.count)
@@ -169,7 +170,9 @@ def adam(
             return None
         keep = (~skip).to(x["lr"].dtype)  # 1 for a step taken, 0 for a skipped one (float64)
         lr_, b1, b2 = x["lr"], x["beta1"], x["beta2"]
-        g = [t.masked_fill_(skip, 0.0) for t in g]  # the step's own gradients (donated with the state)
+        # The step's own gradients (donated with the state), zeroed when skipped: non-finite entries
+        # to 0, then a multiply by keep (a boolean-masked fill is 10x slower on the CPU).
+        g = fe.mul_([t.nan_to_num_(0.0, 0.0, 0.0) for t in g], hp.scalar(keep, g))
         decay = x["weight_decay"] if has_decay else None
         g = decayed_gradients(g, names, params, None if decoupled_weight_decay else decay, maximize)
         p, mu, nu = ([tree[n] for n in names] for tree in (params, state.mu, state.nu))
