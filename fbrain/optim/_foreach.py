@@ -117,26 +117,6 @@ def lerp(a: list[torch.Tensor], b: list[torch.Tensor], weight: torch.Tensor) -> 
     return list(torch._foreach_lerp(a, b, weight))
 
 
-def lerp_(a: list[torch.Tensor], b: list[torch.Tensor], weight) -> list[torch.Tensor]:
-    """:func:`lerp` written into ``a``."""
-    if any_batched(a, b):
-        for x, y in zip(a, b):
-            x.lerp_(y, weight)
-    else:
-        torch._foreach_lerp_(a, b, weight)
-    return a
-
-
-def addcmul_(a: list[torch.Tensor], b: list[torch.Tensor], c: list[torch.Tensor]) -> list[torch.Tensor]:
-    """:func:`addcmul` (``c`` a list) written into ``a``."""
-    if any_batched(a, b, c):
-        for x, y, z in zip(a, b, c):
-            x.addcmul_(y, z)
-    else:
-        torch._foreach_addcmul_(a, b, c)
-    return a
-
-
 def norm(a: list[torch.Tensor]) -> list[torch.Tensor]:
     """The L2 norm of each tensor."""
     return [torch.linalg.vector_norm(x) for x in a] if any_batched(a) else list(torch._foreach_norm(a))

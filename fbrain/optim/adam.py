@@ -170,18 +170,14 @@ def adam(
             return None
         keep = (~skip).to(x["lr"].dtype)  # 1 for a step taken, 0 for a skipped one (float64)
         lr_, b1, b2 = x["lr"], x["beta1"], x["beta2"]
-        # The step's own gradients (donated with the state), zeroed when skipped: non-finite entries
-        # to 0, then a multiply by keep (a boolean-masked fill is 10x slower on the CPU).
-        g = fe.mul_([t.nan_to_num_(0.0, 0.0, 0.0) for t in g], hp.scalar(keep, g))
         decay = x["weight_decay"] if has_decay else None
-        g = decayed_gradients(g, names, params, None if decoupled_weight_decay else decay, maximize)
         p, mu, nu = ([tree[n] for n in names] for tree in (params, state.mu, state.nu))
         count = state.count + 1
         steps = count.to(lr_.dtype)
         bias_correction1 = 1 - b1**steps
         adamw = decoupled_weight_decay and decay is not None
         # The step's factors in float64, as torch.optim's Python numbers, rounded to the tensors'
-        # dtype together (one conversion, not six); keep = 0 makes each one an identity.
+        # dtype together (one conversion, not seven); keep = 0 makes each one an identity.
         factors = hp.scalar(torch.stack([
             (1 - b1) * keep,  # mu's lerp weight
             b2 + (1 - b2) * (1 - keep),  # nu's decay (1 when skipped)
@@ -189,16 +185,26 @@ def adam(
             torch.sqrt(1 - b2**steps),  # the second bias correction's square root
             -(lr_ / bias_correction1) * keep,  # the step size
             1 - lr_ * decay * keep if adamw else keep,  # AdamW's shrink of the parameters
+            keep,
         ]), g)
-        w_mu, decay_nu, w_nu, bias_correction2_sqrt, step_size, shrink = factors.unbind()
+        w_mu, decay_nu, w_nu, bias_correction2_sqrt, step_size, shrink, keep_g = factors.unbind()
+        # The step's own gradients (donated with the state), zeroed when skipped: non-finite entries
+        # to 0, then a multiply by keep (a boolean-masked fill is 10x slower on the CPU).
+        g = [t.nan_to_num_(0.0, 0.0, 0.0) for t in g]
+        torch._foreach_mul_(g, keep_g)
+        g = decayed_gradients(g, names, params, None if decoupled_weight_decay else decay, maximize)
+        # Eager and unbatched (checked above): the foreach kernels directly.
         if adamw:
-            fe.mul_(p, shrink)
-        fe.lerp_(mu, g, w_mu)
-        fe.addcmul_(fe.mul_(nu, decay_nu), fe.mul(g, w_nu), g)
-        denom = fe.sqrt(nu)
-        fe.div_(denom, bias_correction2_sqrt)
-        fe.add_(denom, eps)
-        fe.add_(p, fe.div_(fe.mul(mu, step_size), denom))
+            torch._foreach_mul_(p, shrink)
+        torch._foreach_lerp_(mu, g, w_mu)
+        torch._foreach_mul_(nu, decay_nu)
+        torch._foreach_addcmul_(nu, torch._foreach_mul(g, w_nu), g)
+        denom = torch._foreach_sqrt(nu)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        change = torch._foreach_mul(mu, step_size)
+        torch._foreach_div_(change, denom)
+        torch._foreach_add_(p, change)
         new_state = AdamState(torch.where(skip, state.count, count), state.mu, state.nu, state.nu_max, h)
         return params, new_state
 
