@@ -81,6 +81,13 @@ except checkpoint.CheckpointError as err:
         f.write(str(err))
     sys.stdout.flush()
     os._exit(0)
+except SystemExit as stop:
+    # A signal stopped the run after its checkpoint (the Brain raises SystemExit(143)): leave with
+    # that status, without torch's process-group teardown, which once aborted a rank here
+    # ("terminate called without an active exception", CI of this session; see the end of this file).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(stop.code if isinstance(stop.code, int) else 1)
 state = brain.state
 if brain.shard_group is not None:  # the whole optimizer state, to compare with replicated runs
     state = fbrain.sharding.gather_opt_state(state, brain._layout.transformation(), brain.shard_group)
