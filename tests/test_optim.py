@@ -117,7 +117,8 @@ def test_from_torch_is_bit_for_bit_torch_optim(name, fused, donate):
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs), max_abs_diff(ours, theirs)
 
 
-def test_a_skipped_step_in_place_leaves_the_state_as_it_was():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_skipped_step_in_place_leaves_the_state_as_it_was(bad):
     """Adam's in-place arithmetic skips a step (a non-finite gradient) with no host read: zeroed
     gradients and factors of 0 and 1 make every op an identity; equal values (a zero's sign aside)."""
     for opt in (optim.adam(1e-2, fused=False), optim.adamw(1e-2, weight_decay=0.1, fused=False)):
@@ -126,7 +127,7 @@ def test_a_skipped_step_in_place_leaves_the_state_as_it_was():
         grads = {"w": torch.randn(5, 3), "b": torch.randn(3)}
         params, state = optim.apply(opt, grads, state, params, torch.tensor(False), in_place=True)
         before = fbrain.tree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (params, state))
-        grads["w"][1, 2] = float("nan")
+        grads["w"][1, 2] = bad
         after = optim.apply(opt, grads, state, params, torch.tensor(True), in_place=True)
         pairs = zip(fbrain.tree.tree_leaves(after), fbrain.tree.tree_leaves(before))
         assert all(torch.equal(a, b) for a, b in pairs if isinstance(a, torch.Tensor))

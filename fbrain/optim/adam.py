@@ -154,14 +154,17 @@ def adam(
         return {**params, **dict(zip(names, new_p))}, new_state
 
     def arithmetic_in_place(grads, state, params, skip):
-        """torch.optim's single-tensor Adam run on the donated state's own tensors, op for op as
-        `moments` (so, as torch): none of its per-step copies of the parameters and moments (an
-        MLP of 400 K parameters: 5.4 ms a step out of place, as torch's own 1.6 ms in place). A
-        skipped step must leave every tensor as it was without a host read: its gradients are
-        zeroed (their non-finite entries made 0, then all multiplied by 0; a step taken has only
-        finite gradients, which this leaves as they are) and its factors made 0 and 1, which makes every op an exact identity provided the
-        denominator is never 0 (eps > 0); the sign of a zero may flip (-0.0 to 0.0). None where
-        this does not serve (eps a schedule or 0, AMSGrad, vmap, compiling): the general arithmetic."""
+        """torch.optim's single-tensor Adam run on the donated state's own tensors, rounding for
+        rounding as `moments` (so, as torch), with no per-step copy of the parameters and moments
+        and no temporary tensor on the CPU (there, each fresh full-size tensor costs ten times the
+        arithmetic it holds: the allocator hands back new pages for it).
+
+        A skipped step must leave every tensor as it was without a host read: its gradients are
+        zeroed (non-finite entries made 0, then all multiplied by 0; a step taken has only finite
+        gradients, which this leaves as they are) and its factors made 0 and 1, which makes every op
+        an exact identity provided the denominator is never 0 (eps > 0); the sign of a zero may flip
+        (-0.0 to 0.0). None where this does not serve (eps a schedule or 0, AMSGrad, vmap,
+        compiling): the general arithmetic."""
         h = hp.current(state.hyperparams, schedules, state.count)
         x = hp.operands(h, state.count.device)
         names, g = ordered(grads)
@@ -198,13 +201,14 @@ def adam(
             torch._foreach_mul_(p, shrink)
         torch._foreach_lerp_(mu, g, w_mu)
         torch._foreach_mul_(nu, decay_nu)
-        torch._foreach_addcmul_(nu, torch._foreach_mul(g, w_nu), g)
-        denom = torch._foreach_sqrt(nu)
+        _scaled(torch._foreach_addcmul_, nu, g, g, w_nu)  # nu + (w_nu * g) * g, as addcmul_
+        # The gradients are spent: the denominator is computed in their memory.
+        torch._foreach_copy_(g, nu)
+        denom = g
+        torch._foreach_sqrt_(denom)
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, eps)
-        change = torch._foreach_mul(mu, step_size)
-        torch._foreach_div_(change, denom)
-        torch._foreach_add_(p, change)
+        _scaled(torch._foreach_addcdiv_, p, mu, denom, step_size)  # p + (step_size * mu) / denom
         new_state = AdamState(torch.where(skip, state.count, count), state.mu, state.nu, state.nu_max, h)
         return params, new_state
 
@@ -230,3 +234,18 @@ def adamw(
 ) -> GradientTransformation:
     """``torch.optim.AdamW``: Adam with decoupled weight decay (default 1e-2, as in torch)."""
     return adam(lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay=True, fused=fused)
+
+
+def _scaled(kernel, a: list[torch.Tensor], b: list[torch.Tensor], c: list[torch.Tensor], factor: torch.Tensor) -> None:
+    """``kernel(a, factor * b, c)`` for ``torch._foreach_addcmul_`` / ``_foreach_addcdiv_``:
+    ``a + (factor * b) * c`` or ``a + (factor * b) / c``, ``factor`` a 0-dim tensor.
+
+    On the CPU the kernel multiplies by per-tensor scalars given as a CPU tensor, read in place (no
+    host synchronisation there): no full-size temporary of ``factor * b`` per tensor. Elsewhere
+    that tensor would have to come to the host, so the product is a temporary instead (cheap from
+    a caching allocator). Both round ``factor * b`` once, as the kernel's own scalar multiply does.
+    """
+    if factor.device.type == "cpu":
+        kernel(a, b, c, factor.reshape(1).expand(len(a)).contiguous())
+    else:
+        kernel(a, torch._foreach_mul(b, factor), c)
