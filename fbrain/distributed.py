@@ -197,6 +197,14 @@ def init_from_environment(backend: str | None = None, device: torch.device | str
     return dist.group.WORLD
 
 
+def leave() -> None:
+    """Leave the process group, every rank together, as a run stopped by a signal exits (after its
+    last collective). Left for the interpreter's exit to tear down, a live gloo group has aborted a
+    rank ("terminate called without an active exception", torch 2.13's CPU build, once in CI)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def ddp_init_group(run_opts: dict) -> None:
     """SpeechBrain's ``ddp_init_group``: join torchrun's process group with the run options' backend,
     and give each rank its own CUDA device (``cuda:LOCAL_RANK``). Outside torchrun it does nothing.

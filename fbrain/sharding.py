@@ -193,20 +193,13 @@ def whole_shaped(state: TrainState, optimizer, group) -> TrainState:
     return state.replace(opt_state=_per_parameter(frozenset(layout.names), grow, state.opt_state))
 
 
-def gather_opt_state(state: TrainState, optimizer, group, dst: int | None = None) -> TrainState | None:
+def gather_opt_state(state: TrainState, optimizer, group) -> TrainState:
     """``state`` with the whole optimizer state, gathered from every rank's shard (on the CPU). A
-    collective: every rank of ``group`` calls it. Every rank gets the whole state, or with ``dst``
-    only that rank (the others get None and keep no copy)."""
+    collective: every rank of ``group`` calls it, and every rank gets the whole state."""
     layout = _trainable_layout(state, optimizer, group)
     mine = tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, state.opt_state)
-    if dst is None:
-        gathered: list = [None] * layout.world
-        dist.all_gather_object(gathered, mine, group=group)
-    else:
-        gathered = [None] * layout.world if layout.rank == dst else None
-        dist.gather_object(mine, gathered, dst=dist.get_global_rank(group, dst), group=group)
-        if layout.rank != dst:
-            return None
+    gathered: list = [None] * layout.world
+    dist.all_gather_object(gathered, mine, group=group)
     whole = unshard_opt_state(gathered, layout)
     device = device_of(state.params)  # where the optimizer state lives (as optimizer.init puts it)
     return state.replace(opt_state=tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, whole))
@@ -240,14 +233,21 @@ def read_opt_state_shards(saved: TrainState, record: Any, folder) -> TrainState:
 
 # -- the step --------------------------------------------------------------------------------------
 
-BUCKET_ELEMENTS = 1 << 22  # per rank: a collective's buffer stays under world * 16 MB (float32)
+BUCKET_ELEMENTS = 1 << 22  # the default cap per rank: a collective's buffer stays under world * 16 MB (float32)
 
 
-def buckets(layout: ShardLayout, cap: int | None = None) -> list[tuple[int, ...]]:
+def checked_bucket_elements(cap) -> int:
+    """``cap`` if it is a valid bucket size (an int >= 1), else a ValueError naming it."""
+    if not (isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1):
+        raise ValueError(f"bucket_elements: expected an int >= 1 (elements per rank in one collective), got {cap!r}")
+    return cap
+
+
+def buckets(layout: ShardLayout, cap: int = BUCKET_ELEMENTS) -> list[tuple[int, ...]]:
     """The parameters (indices, in order) that travel together in one collective: consecutive ones
     up to ``cap`` elements per rank; a larger parameter travels alone, and then needs no copy into
-    or out of a bucket (the collectives read and write its own memory). ``cap``: BUCKET_ELEMENTS."""
-    cap = BUCKET_ELEMENTS if cap is None else cap
+    or out of a bucket (the collectives read and write its own memory)."""
+    checked_bucket_elements(cap)
     groups: list[list[int]] = []
     size = 0
     for i, chunk in enumerate(layout.chunks):
@@ -259,7 +259,8 @@ def buckets(layout: ShardLayout, cap: int | None = None) -> list[tuple[int, ...]
     return [tuple(g) for g in groups]
 
 
-def reduce_scatter_mean(grads: dict[str, torch.Tensor], layout: ShardLayout, group) -> dict[str, torch.Tensor]:
+def reduce_scatter_mean(grads: dict[str, torch.Tensor], layout: ShardLayout, group,
+                        cap: int = BUCKET_ELEMENTS) -> dict[str, torch.Tensor]:
     """The mean over the ranks of ``grads``, this rank's slices only: one reduce-scatter per bucket.
 
     On gloo (CPU) a whole-bucket all-reduce, of which the rank keeps its row, replaces the
@@ -267,7 +268,7 @@ def reduce_scatter_mean(grads: dict[str, torch.Tensor], layout: ShardLayout, gro
     740 ms against 360 ms), and the sums are the replicated step's own."""
     whole_sums = dist.get_backend(group) == "gloo"
     mine: dict[str, torch.Tensor] = {}
-    for bucket in buckets(layout):
+    for bucket in buckets(layout, cap):
         names = [layout.names[i] for i in bucket]
         rows = torch.cat([_padded_rows(grads[n], layout.chunks[i], layout.world) for n, i in zip(names, bucket)], dim=1) \
             if len(bucket) > 1 else _padded_rows(grads[names[0]], layout.chunks[bucket[0]], layout.world)
@@ -279,10 +280,11 @@ def reduce_scatter_mean(grads: dict[str, torch.Tensor], layout: ShardLayout, gro
     return mine
 
 
-def all_gather_params(shards: dict[str, torch.Tensor], layout: ShardLayout, group) -> dict[str, torch.Tensor]:
+def all_gather_params(shards: dict[str, torch.Tensor], layout: ShardLayout, group,
+                      cap: int = BUCKET_ELEMENTS) -> dict[str, torch.Tensor]:
     """Every parameter whole again from every rank's slices: one all-gather per bucket."""
     whole: dict[str, torch.Tensor] = {}
-    for bucket in buckets(layout):
+    for bucket in buckets(layout, cap):
         names = [layout.names[i] for i in bucket]
         mine = torch.cat([shards[n] for n in names]) if len(bucket) > 1 else shards[names[0]]
         rows = funcol.wait_tensor(funcol.all_gather_tensor(mine, 0, group)).view(layout.world, -1)
@@ -293,15 +295,17 @@ def all_gather_params(shards: dict[str, torch.Tensor], layout: ShardLayout, grou
 
 
 def sharded_apply_gradients(state: TrainState, grads: dict[str, torch.Tensor], loss: torch.Tensor,
-                            rule: UpdateRule, group, buffers=None) -> tuple[TrainState, dict, torch.Tensor]:
+                            rule: UpdateRule, group, buffers=None,
+                            bucket_elements: int = BUCKET_ELEMENTS) -> tuple[TrainState, dict, torch.Tensor]:
     """The data-parallel update with sharded optimizer state (see the module's doc): ``(new state,
-    metrics, mean loss)``. ``state.opt_state`` is this rank's shard; the parameters are whole."""
+    metrics, mean loss)``. ``state.opt_state`` is this rank's shard; the parameters are whole; the
+    collectives carry at most ``bucket_elements`` elements per rank each (see :func:`buckets`)."""
     if not grads:  # nothing trainable: only the loss to average
         _, mean_loss = mean_across_ranks({}, loss, group)
         new, metrics = apply_gradients(state, grads, rule, loss=mean_loss, buffers=buffers)
         return new, metrics, mean_loss
     layout = group_layout(state.params, list(grads), group)
-    mine = reduce_scatter_mean(grads, layout, group)
+    mine = reduce_scatter_mean(grads, layout, group, bucket_elements)
     if rule.fp16:
         mine = unscale(mine, state.scaler)
     squares = torch.stack([n * n for n in fe.norm(list(mine.values()))]).sum() if mine else loss.new_zeros(())
@@ -310,5 +314,5 @@ def sharded_apply_gradients(state: TrainState, grads: dict[str, torch.Tensor], l
     sharded = state.replace(params={**state.params, **shard(state.params, layout)})
     new, metrics = apply_gradients(sharded, mine, rule, loss=mean_loss, buffers=buffers, scaled=False,
                                    grad_norm=grad_norm)
-    whole = all_gather_params({n: new.params[n] for n in layout.names}, layout, group)
+    whole = all_gather_params({n: new.params[n] for n in layout.names}, layout, group, bucket_elements)
     return new.replace(params={**new.params, **whole}), metrics, mean_loss

@@ -41,7 +41,7 @@ from fbrain import rng as _rng
 from fbrain.batches import micro_batches, structure
 from fbrain.compiling import compile_pure
 from fbrain.distributed import mean_across_ranks
-from fbrain.sharding import sharded_apply_gradients
+from fbrain import sharding
 from fbrain.gradients import loss_and_grads, per_example_loss_and_grads, split_loss
 from fbrain.loss_scale import DynamicLossScale
 from fbrain.optim import _foreach as fe
@@ -93,7 +93,8 @@ class TrainStep(_RandomnessFromState):
     kind = "train"
 
     def __init__(self, loss_fn: Callable, rule: UpdateRule, *, accumulation: int = 1, per_example: bool = False,
-                 process_group=None, shard_optimizer_state: bool = False):
+                 process_group=None, shard_optimizer_state: bool = False,
+                 bucket_elements: int = sharding.BUCKET_ELEMENTS):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a function (params, buffers, batch, rng) -> loss, got {loss_fn!r}")
         if not (isinstance(accumulation, int) and accumulation >= 1):
@@ -109,6 +110,7 @@ class TrainStep(_RandomnessFromState):
             raise ValueError("shard_optimizer_state: needs a process_group (the ranks sharing the state), "
                              "and is not available with per_example steps")
         self.shard_optimizer_state = bool(shard_optimizer_state)
+        self.bucket_elements = sharding.checked_bucket_elements(bucket_elements)
         self._batch_spec = None
         self._trainable: dict = {}  # parameter names -> those the optimizer does not freeze
 
@@ -140,8 +142,8 @@ class TrainStep(_RandomnessFromState):
             loss, grads, buffers, aux = self.gradients(state, batch)
             if self.shard_optimizer_state:
                 # Each rank updates its slice of every parameter (see fbrain.sharding).
-                new_state, metrics, loss = sharded_apply_gradients(state, grads, loss, self._apply_rule,
-                                                                   self.process_group, buffers)
+                new_state, metrics, loss = sharding.sharded_apply_gradients(
+                    state, grads, loss, self._apply_rule, self.process_group, buffers, self.bucket_elements)
                 return new_state, {**aux, **metrics, "loss": loss}
             if self.process_group is not None:
                 # One collective per step, after the local micro-batches: all ranks then agree bit for bit.
@@ -207,6 +209,7 @@ def make_train_step(
     donate_state: bool = False,
     process_group=None,
     shard_optimizer_state: bool = False,
+    bucket_elements: int = sharding.BUCKET_ELEMENTS,
 ) -> TrainStep:
     """A pure ``train_step(state, batch) -> (state, metrics)``.
 
@@ -230,6 +233,9 @@ def make_train_step(
         shard_optimizer_state: with ``process_group``, each rank keeps and updates 1/N of the
             optimizer state (ZeRO; :mod:`fbrain.sharding`): give the step a state made by
             ``fbrain.sharding.shard_state``.
+        bucket_elements: with ``shard_optimizer_state``, the most elements per rank one collective
+            carries (consecutive parameters travel together up to it; a larger one alone): memory
+            for the collectives' buffers against the number of calls. Default 4 Mi (16 MB float32).
 
     Metrics: ``loss``, ``grad_norm`` (before clipping), ``skipped``, ``loss_scale`` (fp16),
     per-example entries with ``per_example``, and the loss function's aux entries; all tensors.
@@ -237,7 +243,7 @@ def make_train_step(
     rule = UpdateRule(optimizer, max_grad_norm=max_grad_norm, precision=precision, loss_scale=loss_scale,
                       donate=bool(donate_state))
     return TrainStep(loss_fn, rule, accumulation=accumulation, per_example=per_example, process_group=process_group,
-                     shard_optimizer_state=shard_optimizer_state)
+                     shard_optimizer_state=shard_optimizer_state, bucket_elements=bucket_elements)
 
 
 class EvalStep(_RandomnessFromState):

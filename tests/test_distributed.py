@@ -104,6 +104,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_the_run_resumes_bi
                        expect_ok=False)
     assert stopped.returncode != 0 and "exitcode  : 143" in stopped.stderr, stopped.stderr[-3000:]
     assert "saved a checkpoint at epoch step 2" in stopped.stderr  # the step after the signal
+    for rank in (0, 1):  # each rank left the process group before exiting
+        assert (tmp_path / "resumed" / f"stopped-rank{rank}.txt").read_text() == "group still up: False\n"
     assert not (tmp_path / "resumed" / "rank0.fbrain").exists()
     torchrun(tmp_path / "resumed", 4, "--dropout", "--every-3-steps", script=BRAIN_SCRIPT)
     for rank in (0, 1):

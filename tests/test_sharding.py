@@ -214,3 +214,9 @@ def test_a_sharded_brain_with_compiled_steps_trains_as_the_eager_one(tmp_path):
     assert [e[:2] for e in eager] == [c[:2] for c in compiled] and len(eager) == 8
     for e, c in zip(eager, compiled):
         assert abs(float.fromhex(e[2]) - float.fromhex(c[2])) <= 1e-5 * abs(float.fromhex(e[2]))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, None])
+def test_a_bucket_size_that_is_not_a_positive_int_is_an_error_naming_it(bad):
+    with pytest.raises(ValueError, match="bucket_elements: expected an int >= 1"):
+        fbrain.make_train_step(lambda p, b, x, r: x.sum(), optim.sgd(0.1), bucket_elements=bad)

@@ -208,16 +208,19 @@ class Brain:
             return state
         return sharding.shard_state(state, self._layout.transformation(), group)
 
-    def _fbrain_save_shard(self, folder) -> None:
-        """Called on every rank by fbrain's Checkpointer before rank 0 saves the Brain: with sharded
-        optimizer state, each rank writes its own shard into ``folder`` (the whole state is never
-        gathered); the Brain's file then holds everything else."""
-        self._shards_written_to = None
+    @property
+    def _fbrain_shard_saver(self):
+        """What fbrain's Checkpointer calls on every rank before rank 0 saves the Brain, or None when
+        nothing is sharded: with sharded optimizer state, each rank writes its own shard into the
+        folder it is given (the whole state is never gathered); the Brain's file then holds
+        everything else."""
+        return self._save_shard if self.shard_group is not None and self._state is not None else None
+
+    def _save_shard(self, folder) -> None:
         group = self.shard_group
-        if group is not None and self._state is not None:
-            _shards.write(folder, torch.distributed.get_rank(group), torch.distributed.get_world_size(group),
-                          self._state.opt_state)
-            self._shards_written_to = folder
+        _shards.write(folder, torch.distributed.get_rank(group), torch.distributed.get_world_size(group),
+                      self._state.opt_state)
+        self._shards_written_to = folder
 
     def ensure_state(self) -> TrainState:
         """``brain.state`` and the optimizer views, made now if they are not yet (``fit`` does this
@@ -314,6 +317,7 @@ class Brain:
             logger.warning("saved a checkpoint at epoch step %d; run the same command again to resume", self.step)
         else:
             logger.warning("no checkpointer: nothing was saved")
+        _distributed.leave()  # every rank stops at this step (see fbrain.brain.preemption)
         raise SystemExit(self._preemption.exit_status())
 
     def _after_train_batch(self):

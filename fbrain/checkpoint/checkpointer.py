@@ -172,8 +172,9 @@ class Checkpointer:
         folder appears only once every rank has written, and if any rank fails nothing is saved and
         every rank raises a CheckpointError naming it.
         """
-        savers = {key: obj._fbrain_save_shard for key, obj in self.recoverables.items()
-                  if callable(getattr(obj, "_fbrain_save_shard", None))}
+        # Every rank has the same recoverables, so all agree on whether the ranks take part.
+        savers = {key: saver for key, obj in self.recoverables.items()
+                  if callable(saver := getattr(obj, "_fbrain_shard_saver", None))}
         main = distributed.is_main_process()
         tmp = final = None
         with contextlib.ExitStack() as held:

@@ -82,9 +82,11 @@ except checkpoint.CheckpointError as err:
     sys.stdout.flush()
     os._exit(0)
 except SystemExit as stop:
-    # A signal stopped the run after its checkpoint (the Brain raises SystemExit(143)): leave with
-    # that status, without torch's process-group teardown, which once aborted a rank here
-    # ("terminate called without an active exception", CI of this session; see the end of this file).
+    # A signal stopped the run after its checkpoint (the Brain raises SystemExit(143)), and the
+    # Brain left the process group first. Leave with that status, without the interpreter's exit
+    # path (see the end of this file).
+    with open(os.path.join(out_dir, f"stopped-rank{os.environ['RANK']}.txt"), "w") as f:
+        f.write(f"group still up: {torch.distributed.is_initialized()}\n")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(stop.code if isinstance(stop.code, int) else 1)

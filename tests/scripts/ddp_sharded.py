@@ -23,7 +23,6 @@ from fbrain import optim, sharding
 dist.init_process_group("gloo")
 rank, out_dir = dist.get_rank(), sys.argv[1]
 group = dist.group.WORLD
-BUCKET_ELEMENTS = sharding.BUCKET_ELEMENTS
 
 
 def model():
@@ -48,7 +47,7 @@ for name, opt in {"adam": optim.adam(1e-2), "sgd": optim.sgd(0.05, momentum=0.9)
                   "adam-arithmetic": optim.adam(1e-2, fused=False),
                   "adam-arithmetic-buckets": optim.adam(1e-2, fused=False)}.items():
     # "-buckets": collectives of at most 40 elements per rank: the 7x13 weight alone, the rest together.
-    sharding.BUCKET_ELEMENTS = 40 if name.endswith("-buckets") else BUCKET_ELEMENTS
+    bucket_elements = 40 if name.endswith("-buckets") else sharding.BUCKET_ELEMENTS
     for clip in (None, 0.05):
         replicated = fbrain.TrainState.create(net, opt, seed=0)
         sharded = sharding.shard_state(replicated, opt, group)
@@ -58,7 +57,7 @@ for name, opt in {"adam": optim.adam(1e-2), "sgd": optim.sgd(0.05, momentum=0.9)
                            if isinstance(a, torch.Tensor))
         step = fbrain.make_train_step(loss_fn, opt, max_grad_norm=clip, process_group=group)
         sharded_step = fbrain.make_train_step(loss_fn, opt, max_grad_norm=clip, process_group=group,
-                                              shard_optimizer_state=True)
+                                              shard_optimizer_state=True, bucket_elements=bucket_elements)
         g = torch.Generator().manual_seed(100 + rank)
         worst, loss_gap, skipped = 0.0, 0.0, []
         for i in range(20):
