@@ -97,15 +97,18 @@ def is_finite(x: torch.Tensor) -> torch.Tensor:
 
 
 def count(counters: Counters, applied: torch.Tensor, nonfinite: torch.Tensor) -> Counters:
-    """The counters after one step: ``applied`` (bool) or skipped; ``nonfinite`` counts as such."""
+    """The counters after one step: ``applied`` (bool) or skipped; ``nonfinite`` counts as such.
+
+    A bool adds to an int64 count as 0 or 1, and a finite step multiplies the streak by 0: five
+    small kernels, no conversions (a step's fixed cost matters for small models)."""
     c = counters
     # Built whole, not with NamedTuple._replace, which torch.compile (2.11) fails to trace.
     return Counters(
         step=c.step + 1,
-        optimizer_step=c.optimizer_step + applied.long(),
+        optimizer_step=c.optimizer_step + applied,
         epoch=c.epoch,
-        nonfinite_count=c.nonfinite_count + nonfinite.long(),
-        nonfinite_streak=torch.where(nonfinite, c.nonfinite_streak + 1, torch.zeros_like(c.nonfinite_streak)),
+        nonfinite_count=c.nonfinite_count + nonfinite,
+        nonfinite_streak=(c.nonfinite_streak + 1) * nonfinite,
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from fbrain.optim.hyperparams import scalar
-from fbrain.torch_compat import is_batched
+from fbrain.torch_compat import in_functorch_transform, is_batched
 
 _is_batched = is_batched
 
@@ -26,6 +26,8 @@ _is_batched = is_batched
 def any_batched(*args) -> bool:
     if torch.compiler.is_compiling():
         return False  # compiled code never sees functorch's batched wrappers directly
+    if not in_functorch_transform():
+        return False  # batched tensors exist only inside vmap: no look at each tensor
     for a in args:
         if isinstance(a, torch.Tensor) and _is_batched(a):
             return True

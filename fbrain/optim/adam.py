@@ -246,6 +246,6 @@ def _scaled(kernel, a: list[torch.Tensor], b: list[torch.Tensor], c: list[torch.
     a caching allocator). Both round ``factor * b`` once, as the kernel's own scalar multiply does.
     """
     if factor.device.type == "cpu":
-        kernel(a, b, c, factor.reshape(1).expand(len(a)).contiguous())
+        kernel(a, b, c, factor.expand(len(a)).contiguous())
     else:
         kernel(a, torch._foreach_mul(b, factor), c)
