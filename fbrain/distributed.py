@@ -188,21 +188,29 @@ def init_from_environment(backend: str | None = None, device: torch.device | str
 
     ``backend`` defaults to nccl for CUDA devices and gloo otherwise.
     """
+    global _joined_here
     if not launched():
         return None
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timeout())
+        _joined_here = True
     return dist.group.WORLD
 
 
+_joined_here = False  # whether init_from_environment created the process group (leave() ends only that one)
+
+
 def leave() -> None:
-    """Leave the process group, every rank together, as a run stopped by a signal exits (after its
-    last collective). Left for the interpreter's exit to tear down, a live gloo group has aborted a
-    rank ("terminate called without an active exception", torch 2.13's CPU build, once in CI)."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group fbrain joined (``ddp_init_group``), every rank together, as a run
+    stopped by a signal exits after its last collective. Left for the interpreter's exit to tear
+    down, a live gloo group has aborted a rank ("terminate called without an active exception",
+    torch 2.13's CPU build, once in CI). A group the caller created is the caller's to end."""
+    global _joined_here
+    if _joined_here and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _joined_here = False
 
 
 def ddp_init_group(run_opts: dict) -> None:

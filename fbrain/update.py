@@ -96,6 +96,23 @@ def is_finite(x: torch.Tensor) -> torch.Tensor:
     return (x - x) == 0
 
 
+def owned(grads: Grads) -> Grads:
+    """``grads`` with every tensor in memory of its own, so an update may write into each: autograd
+    hands one tensor to both sides of ``a + b`` (or views of one, ``a.view(-1) + b``), and an
+    expanded one (stride 0) to ``a.sum()``; those become copies (found by where their data starts:
+    one comparison per tensor). Written into twice, a shared gradient would be clipped twice and
+    hold two parameters' Adam denominators."""
+    seen: set = set()
+    out = {}
+    for name, g in grads.items():
+        start = g.data_ptr()
+        if start in seen or (not g.is_contiguous() and 0 in g.stride()):
+            g = g.clone(memory_format=torch.contiguous_format)
+        seen.add(start)
+        out[name] = g
+    return out
+
+
 def count(counters: Counters, applied: torch.Tensor, nonfinite: torch.Tensor) -> Counters:
     """The counters after one step: ``applied`` (bool) or skipped; ``nonfinite`` counts as such.
 
@@ -152,6 +169,8 @@ def apply_gradients(
     if found_inf is not None:
         finite = finite & ~found_inf
     skipped = ~finite
+    if rule.donate:
+        grads = owned(grads)
     if rule.max_grad_norm is not None and grads:
         grads, _ = clip_grads_by_global_norm(grads, rule.max_grad_norm, grad_norm, in_place=rule.donate)
     params, opt_state = apply(rule.optimizer, grads, state.opt_state, state.params, skipped, rule.donate)

@@ -409,6 +409,33 @@ def test_a_donated_state_gives_the_same_result_as_the_pure_step():
     assert d.params["0.weight"].data_ptr() == c.params["0.weight"].data_ptr()
 
 
+@pytest.mark.parametrize("shape_of_loss", ["a+b", "view(a)+b", "sum(a)"])
+def test_a_donated_step_with_gradients_sharing_memory_equals_the_pure_step(shape_of_loss):
+    """autograd hands one gradient tensor to both sides of a + b (views of one for a.view(-1) + b,
+    an expanded one for a.sum()): the in-place update must treat each as a gradient of its own."""
+    forms = {"a+b": lambda p, x: ((p["a"] + p["b"]) * x).pow(2).sum(),
+             "view(a)+b": lambda p, x: ((p["a"].view(-1) + p["b"]) * x).pow(2).sum(),
+             "sum(a)": lambda p, x: p["a"].sum() + (p["b"] * x).pow(2).sum()}
+    form = forms[shape_of_loss]
+    pair = torch.nn.Module()
+    pair.a = torch.nn.Parameter(torch.randn(2, 3) if shape_of_loss == "view(a)+b" else torch.randn(6))
+    pair.b = torch.nn.Parameter(torch.randn(6))
+
+    def loss_fn(p, buffers, x, rng):
+        return form(p, x)
+
+    opt = optim.adam(1e-2, fused=False)
+    state = fbrain.TrainState.create(pair, opt)
+    pure = fbrain.make_train_step(loss_fn, opt, max_grad_norm=0.5)
+    donating = fbrain.make_train_step(loss_fn, opt, max_grad_norm=0.5, donate_state=True)
+    a, b = state, clone_tree(state)
+    for i in range(5):
+        x = torch.randn(6, generator=torch.Generator().manual_seed(10 + i))
+        a, _ = pure(a, x)
+        b, _ = donating(b, x)
+    assert trees_equal(a.params, b.params) and trees_equal(a.opt_state, b.opt_state)
+
+
 def test_call_with_swaps_tensors_around_any_function_of_the_module():
     model = ConvNet(0)
     state = fbrain.TrainState.create(model, optim.sgd(0.1))

@@ -247,6 +247,7 @@ class Brain:
                     "writes its shard of the optimizer state); use fbrain.Checkpointer in place of SpeechBrain's")
             # The optimizer state is in the shard files beside this one, with what reads it back.
             shards = sharding.shards_record(state, self._layout.transformation(), self.shard_group)
+            self._shards_written_to = None  # each save's shards count once
             state = state.replace(opt_state=None)
         _checkpoint.save(path, {
             "state": state, "step": self.step, "optimizer_step": self.optimizer_step,
@@ -317,7 +318,11 @@ class Brain:
             logger.warning("saved a checkpoint at epoch step %d; run the same command again to resume", self.step)
         else:
             logger.warning("no checkpointer: nothing was saved")
-        _distributed.leave()  # every rank stops at this step (see fbrain.brain.preemption)
+        self._exit_for_signal()
+
+    def _exit_for_signal(self):
+        # Every rank stops at this step (see fbrain.brain.preemption), after its last collective.
+        _distributed.leave()
         raise SystemExit(self._preemption.exit_status())
 
     def _after_train_batch(self):
@@ -604,7 +609,7 @@ class Brain:
                     self._fit_valid(valid_set, epoch, enable)
                     if self._preemption.settle():  # arrived after the epoch's last step
                         logger.warning("stopping after epoch %s; the next run resumes from the last checkpoint", epoch)
-                        raise SystemExit(self._preemption.exit_status())
+                        self._exit_for_signal()
                     if (self.debug and epoch == self.debug_epochs) or self._step_limit_reached():
                         break
         finally:

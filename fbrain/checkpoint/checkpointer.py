@@ -172,7 +172,7 @@ class Checkpointer:
         folder appears only once every rank has written, and if any rank fails nothing is saved and
         every rank raises a CheckpointError naming it.
         """
-        # Every rank has the same recoverables, so all agree on whether the ranks take part.
+        # Every rank has the same recoverables, so all agree on whether the ranks write shards.
         savers = {key: saver for key, obj in self.recoverables.items()
                   if callable(saver := getattr(obj, "_fbrain_shard_saver", None))}
         main = distributed.is_main_process()
@@ -188,7 +188,7 @@ class Checkpointer:
                         tmp = tempfile.mkdtemp(prefix=f"{final}{TMP_MARK}", dir=self.checkpoints_dir)
                     except Exception as err:  # noqa: BLE001 - told to every rank below, then raised
                         failure = err
-                if savers:  # the same recoverables on every rank: all take part
+                if distributed.active():  # every rank hears whether rank 0 could start, and where
                     tmp, final, told = distributed.ddp_broadcast((tmp, final, failure and repr(failure)))
                     if told is not None and failure is None:
                         raise CheckpointError(f"{self.checkpoints_dir}: rank 0 could not start the checkpoint ({told})")

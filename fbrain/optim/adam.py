@@ -156,8 +156,10 @@ def adam(
     def arithmetic_in_place(grads, state, params, skip):
         """torch.optim's single-tensor Adam run on the donated state's own tensors, rounding for
         rounding as `moments` (so, as torch), with no per-step copy of the parameters and moments
-        and no temporary tensor on the CPU (there, each fresh full-size tensor costs ten times the
-        arithmetic it holds: the allocator hands back new pages for it).
+        and, for plain Adam on the CPU, no full-size temporary (there, each fresh one costs ten times
+        the arithmetic it holds: the allocator hands back new pages for it). The gradients are
+        donated too (each in memory of its own: `fbrain.update.owned`): they end up holding the
+        denominators.
 
         A skipped step must leave every tensor as it was without a host read: its gradients are
         zeroed (non-finite entries made 0, then all multiplied by 0; a step taken has only finite
@@ -241,9 +243,9 @@ def _scaled(kernel, a: list[torch.Tensor], b: list[torch.Tensor], c: list[torch.
     ``a + (factor * b) * c`` or ``a + (factor * b) / c``, ``factor`` a 0-dim tensor.
 
     On the CPU the kernel multiplies by per-tensor scalars given as a CPU tensor, read in place (no
-    host synchronisation there): no full-size temporary of ``factor * b`` per tensor. Elsewhere
-    that tensor would have to come to the host, so the product is a temporary instead (cheap from
-    a caching allocator). Both round ``factor * b`` once, as the kernel's own scalar multiply does.
+    host synchronisation there): no full-size temporary of ``factor * b`` per tensor, and the same
+    rounding as torch.optim's ``addcmul_``/``addcdiv_`` with ``value=``. Elsewhere that tensor would
+    have to come to the host, so the product is a temporary instead (cheap from a caching allocator).
     """
     if factor.device.type == "cpu":
         kernel(a, b, c, factor.expand(len(a)).contiguous())
