@@ -169,7 +169,7 @@ def apply_gradients(
     if found_inf is not None:
         finite = finite & ~found_inf
     skipped = ~finite
-    if rule.donate:
+    if rule.donate and not torch.compiler.is_compiling():  # a traced tensor has no address to compare
         grads = owned(grads)
     if rule.max_grad_norm is not None and grads:
         grads, _ = clip_grads_by_global_norm(grads, rule.max_grad_norm, grad_norm, in_place=rule.donate)
