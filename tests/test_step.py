@@ -409,10 +409,12 @@ def test_a_donated_state_gives_the_same_result_as_the_pure_step():
     assert d.params["0.weight"].data_ptr() == c.params["0.weight"].data_ptr()
 
 
-@pytest.mark.parametrize("shape_of_loss", ["a+b", "view(a)+b", "sum(a)"])
-def test_a_donated_step_with_gradients_sharing_memory_equals_the_pure_step(shape_of_loss):
+@pytest.mark.parametrize("shape_of_loss,compiled", [("a+b", False), ("view(a)+b", False), ("sum(a)", False),
+                                                    ("a+b", True)])
+def test_a_donated_step_with_gradients_sharing_memory_equals_the_pure_step(shape_of_loss, compiled):
     """autograd hands one gradient tensor to both sides of a + b (views of one for a.view(-1) + b,
-    an expanded one for a.sum()): the in-place update must treat each as a gradient of its own."""
+    an expanded one for a.sum()): the in-place update must treat each as a gradient of its own,
+    eagerly and compiled."""
     forms = {"a+b": lambda p, x: ((p["a"] + p["b"]) * x).pow(2).sum(),
              "view(a)+b": lambda p, x: ((p["a"].view(-1) + p["b"]) * x).pow(2).sum(),
              "sum(a)": lambda p, x: p["a"].sum() + (p["b"] * x).pow(2).sum()}
@@ -428,12 +430,18 @@ def test_a_donated_step_with_gradients_sharing_memory_equals_the_pure_step(shape
     state = fbrain.TrainState.create(pair, opt)
     pure = fbrain.make_train_step(loss_fn, opt, max_grad_norm=0.5)
     donating = fbrain.make_train_step(loss_fn, opt, max_grad_norm=0.5, donate_state=True)
+    if compiled:
+        donating = donating.compile(fullgraph=True)
     a, b = state, clone_tree(state)
     for i in range(5):
         x = torch.randn(6, generator=torch.Generator().manual_seed(10 + i))
         a, _ = pure(a, x)
         b, _ = donating(b, x)
-    assert trees_equal(a.params, b.params) and trees_equal(a.opt_state, b.opt_state)
+    if compiled:  # inductor rounds differently: within 1e-5 (a gradient clipped twice: ~1e-2 off)
+        pairs = zip(fbrain.tree.tree_leaves((a.params, a.opt_state)), fbrain.tree.tree_leaves((b.params, b.opt_state)))
+        assert all(torch.allclose(u, v, rtol=0, atol=1e-5) for u, v in pairs if isinstance(u, torch.Tensor))
+    else:
+        assert trees_equal(a.params, b.params) and trees_equal(a.opt_state, b.opt_state)
 
 
 def test_call_with_swaps_tensors_around_any_function_of_the_module():
