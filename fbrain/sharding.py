@@ -246,8 +246,8 @@ def checked_bucket_elements(cap) -> int:
 def buckets(layout: ShardLayout, cap: int = BUCKET_ELEMENTS) -> list[tuple[int, ...]]:
     """The parameters (indices, in order) that travel together in one collective: consecutive ones
     up to ``cap`` elements per rank; a larger parameter travels alone, and then needs no copy into
-    or out of a bucket (the collectives read and write its own memory)."""
-    checked_bucket_elements(cap)
+    or out of a bucket (the collectives read and write its own memory). ``cap`` is checked once, where
+    the step is made (:func:`checked_bucket_elements`)."""
     groups: list[list[int]] = []
     size = 0
     for i, chunk in enumerate(layout.chunks):

@@ -117,6 +117,26 @@ def test_from_torch_is_bit_for_bit_torch_optim(name, fused, donate):
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs), max_abs_diff(ours, theirs)
 
 
+@pytest.mark.parametrize("kernel", ["_foreach_addcmul_", "_foreach_addcdiv_"])
+def test_adams_scaled_kernel_gives_the_same_bits_with_scalars_in_the_kernel_or_a_temporary(kernel):
+    """The CPU path (per-tensor scalars read by the kernel) and the other devices' path (a temporary
+    product), run side by side on the CPU."""
+    from fbrain.optim.adam import _scaled
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(513,), (7, 9), (64, 33)]
+    a, b = ([torch.randn(s, generator=g) for s in shapes] for _ in range(2))
+    c = [torch.rand(s, generator=g) + 0.5 for s in shapes]
+    factor = torch.tensor(-1.234567e-3)
+    results = []
+    for in_kernel in (True, False):
+        out = [t.clone() for t in a]
+        _scaled(getattr(torch, kernel), out, b, c, factor, scalars_in_kernel=in_kernel)
+        results.append(out)
+    assert all(torch.equal(x, y) for x, y in zip(*results))
+    assert not any(torch.equal(x, y) for x, y in zip(results[0], a))  # the kernel did change them
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_a_skipped_step_in_place_leaves_the_state_as_it_was(bad):
     """Adam's in-place arithmetic skips a step (a non-finite gradient) with no host read: zeroed

@@ -238,7 +238,8 @@ def adamw(
     return adam(lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay=True, fused=fused)
 
 
-def _scaled(kernel, a: list[torch.Tensor], b: list[torch.Tensor], c: list[torch.Tensor], factor: torch.Tensor) -> None:
+def _scaled(kernel, a: list[torch.Tensor], b: list[torch.Tensor], c: list[torch.Tensor], factor: torch.Tensor,
+            scalars_in_kernel: bool | None = None) -> None:
     """``kernel(a, factor * b, c)`` for ``torch._foreach_addcmul_`` / ``_foreach_addcdiv_``:
     ``a + (factor * b) * c`` or ``a + (factor * b) / c``, ``factor`` a 0-dim tensor.
 
@@ -246,8 +247,9 @@ def _scaled(kernel, a: list[torch.Tensor], b: list[torch.Tensor], c: list[torch.
     host synchronisation there): no full-size temporary of ``factor * b`` per tensor, and the same
     rounding as torch.optim's ``addcmul_``/``addcdiv_`` with ``value=``. Elsewhere that tensor would
     have to come to the host, so the product is a temporary instead (cheap from a caching allocator).
+    ``scalars_in_kernel`` forces one way (None: by ``factor``'s device); both give the same bits.
     """
-    if factor.device.type == "cpu":
+    if scalars_in_kernel if scalars_in_kernel is not None else factor.device.type == "cpu":
         kernel(a, b, c, factor.expand(len(a)).contiguous())
     else:
         kernel(a, torch._foreach_mul(b, factor), c)
