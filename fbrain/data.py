@@ -22,8 +22,7 @@ from __future__ import annotations
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
-from torch.utils.data._utils.collate import default_collate, default_convert
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, default_convert
 
 from fbrain import distributed as _distributed
 from fbrain.torch_compat import register_pytree_node

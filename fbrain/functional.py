@@ -25,7 +25,8 @@ import weakref
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.nn.utils.stateless import _reparametrize_module  # what functional_call itself uses
+
+from fbrain.torch_compat import reparametrize_module  # what functional_call itself uses
 
 
 class _Slots:
@@ -99,7 +100,7 @@ def swapped(module: torch.nn.Module, tensors: dict[str, torch.Tensor], strict: b
     # Dynamo cannot trace the cache (a WeakKeyDictionary): test for compiling before touching it.
     if torch.compiler.is_compiling() or getattr(_SLOTS.get(module), "active", 0):
         # Nested: the module holds the outer swap's tensors, so its structure cannot be re-read.
-        with _reparametrize_module(module, tensors, tie_weights=True, strict=strict):
+        with reparametrize_module(module, tensors, tie_weights=True, strict=strict):
             yield
         return
     slots = _slots_of(module)

@@ -14,6 +14,9 @@ release moves one of these, this file is the only one to change.
   vmap or grad, and whether a tensor is a vmap-batched one.
 - ``funcol``: ``torch.distributed._functional_collectives`` (all_reduce that returns a new tensor and
   traces under torch.compile).
+- ``reparametrize_module``: ``torch.nn.utils.stateless._reparametrize_module``, the context manager
+  ``torch.func.functional_call`` runs in (a module's tensors swapped for given ones; traces under
+  torch.compile). :func:`fbrain.functional.swapped` uses it under torch.compile and for nested swaps.
 
 Example::
 
@@ -29,6 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed._functional_collectives as funcol  # noqa: F401 - re-exported
 import torch.utils._pytree as pytree
+from torch.nn.utils import stateless as _stateless
 
 SUPPORTED = ">=2.11,<3"  # the range pyproject.toml declares
 
@@ -74,6 +78,12 @@ def _dynamo_exceptions() -> tuple[type, ...]:
 
 
 COMPILE_FAILURES = _dynamo_exceptions()
+
+# ``with reparametrize_module(module, tensors, tie_weights=True, strict=False):`` the module holds
+# ``tensors`` (by name) inside the block and its own afterwards. functional_call is this plus
+# argument handling; fbrain needs the context manager itself (a block, not one call), which torch
+# keeps private. The name, not a wrapper, so torch.compile sees torch's own function.
+reparametrize_module = _stateless._reparametrize_module
 
 
 def in_functorch_transform() -> bool:
