@@ -13,7 +13,8 @@ Example::
 """
 
 from fbrain.checkpoint.averaging import average_checkpoints, average_state_dicts
-from fbrain.checkpoint.checkpointer import Checkpoint, Checkpointer, mark_as_loader, mark_as_saver
+from fbrain.checkpoint.checkpointer import (Checkpoint, Checkpointer, MissingRecoverableError, mark_as_loader,
+                                           mark_as_saver)
 from fbrain.checkpoint.files import atomic_open, from_bytes, fsync_dir, load, save, write_atomic
 from fbrain.checkpoint.reading import read
 from fbrain.checkpoint.restore import restore
@@ -28,7 +29,7 @@ for _cls in (TrainState, Counters, LossScaleState, AdamState, SGDState, RMSpropS
     register_type(_cls)
 
 __all__ = [
-    "Checkpoint", "Checkpointer", "average_checkpoints", "average_state_dicts", "mark_as_loader", "mark_as_saver", "CheckpointError", "atomic_open", "find_speechbrain_checkpoint", "from_bytes", "fsync_dir",
+    "Checkpoint", "Checkpointer", "average_checkpoints", "average_state_dicts", "mark_as_loader", "mark_as_saver", "CheckpointError", "MissingRecoverableError", "atomic_open", "find_speechbrain_checkpoint", "from_bytes", "fsync_dir",
     "import_speechbrain", "load", "read", "register_type", "restore",
     "save", "to_bytes", "write", "write_atomic",
 ]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -55,21 +56,31 @@ PREFIX = "CKPT"
 META_FILE = "CKPT.yaml"
 TMP_MARK = ".incomplete-"
 
+# Only where the folder itself cannot be locked (NFS refuses an exclusive flock on a descriptor not
+# open for writing): the lock is then on this file in the folder, as earlier fbrain versions had it everywhere.
 LOCK_FILE = ".fbrain-writer.lock"
+_NO_FOLDER_LOCK = {errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP}
 
 Checkpoint = collections.namedtuple("Checkpoint", ["path", "meta", "paramfiles"])
 Checkpoint.__doc__ = ("A saved checkpoint: its folder, its metadata, and the file of each recoverable "
                       "(pathlib.Path objects, as SpeechBrain's).")
 
 
+class MissingRecoverableError(CheckpointError, RuntimeError):
+    """A checkpoint has no file for a registered recoverable: a CheckpointError, and the
+    RuntimeError SpeechBrain's Checkpointer raises in this case (so code catching either works)."""
+
+
 # -- one writer per folder ---------------------------------------------------------------------------
 
 class WriterLock:
-    """An OS lock (``flock``) on ``folder/.fbrain-writer.lock``, held while a Checkpointer writes or
-    deletes there, so two runs on one folder cannot remove each other's checkpoints in progress. The
-    holder writes its PID into the file; a second writer waits up to ``timeout`` seconds, then fails
-    naming the folder and that PID. The kernel drops the lock when its process dies, so a killed run
-    never leaves the folder locked. Readers take no lock.
+    """An OS lock (``flock``) on the checkpoints folder itself, held while a Checkpointer writes or
+    deletes there, so two runs on one folder cannot remove each other's checkpoints in progress. It
+    adds nothing to the folder. A second writer waits up to ``timeout`` seconds, then fails naming the
+    folder and the holder's PID (from ``/proc/locks``; "unknown" where that cannot be read). The
+    kernel drops the lock when its process dies, so a killed run never leaves the folder locked.
+    Re-entrant within one WriterLock; readers take no lock. On a file system that cannot lock a
+    folder (NFS), the lock is on ``folder/.fbrain-writer.lock``, which holds the holder's PID.
 
     Example::
 
@@ -96,23 +107,58 @@ class WriterLock:
             self._fd = None
 
     def _acquire(self) -> int:
+        fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return self._wait(fd, lambda: flock_holder(fd))
+        except OSError as err:  # _wait closed fd
+            if err.errno not in _NO_FOLDER_LOCK:
+                raise
         fd = os.open(os.path.join(self.folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                    os.close(fd)
-                    raise CheckpointError(
-                        f"{self.folder}: another process (PID {holder}) is writing checkpoints here; waited "
-                        f"{self.timeout:g} s. Give each run its own output folder, or stop the other run") from None
-                time.sleep(0.05)
+        self._wait(fd, lambda: os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown")
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         return fd
+
+    def _wait(self, fd: int, holder: Callable[[], str]) -> int:
+        """``fd``, locked; waits up to the timeout. On any failure ``fd`` is closed."""
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise CheckpointError(
+                            f"{self.folder}: another process (PID {holder()}) is writing checkpoints here; waited "
+                            f"{self.timeout:g} s. Give each run its own output folder, or stop the other run") from None
+                    time.sleep(0.05)
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+def flock_holder(fd: int) -> str:
+    """The PID of the process holding an ``flock`` on the file or folder open as ``fd``, read from
+    Linux's ``/proc/locks`` (matched by device and inode), or "unknown"."""
+    st = os.fstat(fd)
+    wanted = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    try:
+        with open("/proc/locks") as f:
+            lines = f.readlines()
+    except OSError:
+        return "unknown"
+    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 3545 fe:00:2146659 0 EOF" (waiters: "1: -> FLOCK ...")
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            if (int(major, 16), int(minor, 16), int(inode)) == wanted and int(fields[4]) > 0:
+                return fields[4]
+        except ValueError:
+            continue
+    return "unknown"
 
 
 # -- the Checkpointer ------------------------------------------------------------------------------
@@ -316,7 +362,9 @@ class Checkpointer:
             if path is None:
                 if self.allow_partial_load:
                     continue
-                raise CheckpointError(f"{checkpoint.path}: has no file for recoverable {key!r}")
+                raise MissingRecoverableError(
+                    f"{checkpoint.path}: has no file for recoverable {key!r}; pass allow_partial_load=True to "
+                    "the Checkpointer to load the others and keep it as it is, or recover from another checkpoint")
             if not os.path.isfile(path):
                 raise CheckpointError(f"{path}: not a regular file")
             try:
@@ -373,7 +421,7 @@ class Checkpointer:
         missing = [key for key in self.recoverables
                    if all(key not in c.paramfiles and key not in self._saved_names.get(c.path, {key}) for c in candidates)]
         if missing:
-            raise CheckpointError(
+            raise MissingRecoverableError(
                 f"{self.checkpoints_dir}: no checkpoint has a file for recoverable(s) {missing} (added after the "
                 f"checkpoints were written?); pass allow_partial_load=True to the Checkpointer to recover the "
                 "others and keep these as they are, or remove them from the recoverables")

@@ -97,9 +97,9 @@ def save(path: str | os.PathLike, tree: Any) -> None:
 def load(path: str | os.PathLike, template: Any = None, device: torch.device | str | None = None) -> Any:
     """Read a checkpoint, verify its checksum, and restore it (strictly into ``template`` if given)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    return restore(read_file(path), template, device)
+    return restore(read_file(path), template, device)  # anything else that is no checkpoint: a CheckpointError
 
 
 def from_bytes(data: bytes, template: Any = None, device: torch.device | str | None = None) -> Any:

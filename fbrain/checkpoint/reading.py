@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import zlib
 from typing import Any, Callable
 
@@ -218,10 +219,18 @@ def _opened(path: str):
     """``(file, tree_offset, matches, tree bytes)`` of a checkpoint file whose envelope is sound."""
     name = str(path)
     try:
-        f = open(path, "rb", buffering=0)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not block
     except OSError as err:
         raise CheckpointError(f"{name}: cannot be read ({err.strerror or err})") from None
-    with f:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise CheckpointError(
+                f"{name}: cannot be read: it is a folder; expected a checkpoint file such as CKPT+.../brain.fbrain; "
+                "to recover a Checkpointer's folder use Checkpointer(folder).recover_if_possible()")
+        raise CheckpointError(f"{name}: cannot be read: not a regular file; expected a checkpoint file")
+    with os.fdopen(fd, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         pread = lambda offset, n: os.pread(f.fileno(), n, offset)  # noqa: E731
         tree_offset, matches = envelope(size, pread, name)
