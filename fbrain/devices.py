@@ -7,11 +7,11 @@ rather than deep inside the first step.
 
 Example::
 
-    >>> from fbrain.devices import resolve_device
+    >>> from fbrain.devices import default_device, resolve_device
     >>> resolve_device("cpu")
     device(type='cpu')
-    >>> resolve_device(None)
-    device(type='cpu')
+    >>> resolve_device(None) == resolve_device(default_device())  # the accelerator, or the cpu
+    True
 """
 
 from __future__ import annotations
@@ -60,9 +60,17 @@ def _cuda(device: torch.device) -> torch.device:
     return torch.device("cuda", index)
 
 
+def default_device() -> str:
+    """SpeechBrain 1.1's default device: the machine's accelerator (CUDA, MPS ...) if torch sees
+    one, else the CPU."""
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return "cpu" if accelerator is None else accelerator.type
+
+
 def resolve_device(spec: str | torch.device | None) -> torch.device:
-    """The device ``spec`` names, made concrete (``cuda`` gets its index); None means the CPU."""
-    device = _parse("cpu" if spec is None else spec)
+    """The device ``spec`` names, made concrete (``cuda`` gets its index); None means
+    :func:`default_device`."""
+    device = _parse(default_device() if spec is None else spec)
     if device.type == "cuda":
         return _cuda(device)
     if device.type == "mps":

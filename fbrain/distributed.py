@@ -224,7 +224,7 @@ def ddp_init_group(run_opts: dict) -> None:
     """
     if not launched():
         return
-    device = resolve_device(run_opts.get("device", "cpu"))  # cuda -> cuda:LOCAL_RANK
+    device = resolve_device(run_opts.get("device"))  # cuda -> cuda:LOCAL_RANK; None -> the accelerator or cpu
     run_opts["device"] = str(device)
     use_device(device)
     backend = run_opts.get("distributed_backend", "nccl") if device.type == "cuda" else "gloo"  # nccl needs GPUs

@@ -24,7 +24,7 @@ import time
 
 import fbrain
 from fbrain import distributed
-from fbrain.brain.run_options import DEFAULTS, HELP
+from fbrain.brain.arguments import command_line_options, option_help
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +55,18 @@ def usage(recipe: str, config_file: str) -> str:
     """The recipe's ``--help``: how to call it, its own settings with their defaults, the run options."""
     lines = [f"usage: python -m fbrain.recipes.{recipe} [CONFIG.yaml] [--setting value ...]", "",
              f"CONFIG.yaml defaults to {config_file}. Any of its settings can be given on the command line:", ""]
+    run_options = command_line_options()
+    in_config = {}
     for name, default, comment in config_settings(config_file):
+        if name in run_options:  # listed once, with the run options, at the config's value
+            in_config[name] = default
+            continue
         lines.append(f"  --{name:<26} {default:<22} {comment}".rstrip())
-    lines += ["", "Run options (SpeechBrain's, and fbrain's own):", ""]
-    lines += [f"  --{name:<26} {str(default):<22} {HELP.get(name, '')}".rstrip() for name, default in DEFAULTS.items()]
+    lines += ["", "Run options (SpeechBrain's, and fbrain's own; the config's value where it sets one):", ""]
+    width = max(map(len, run_options))
+    for name, option in run_options.items():
+        default = in_config.get(name, str(option.default))
+        lines.append(f"  --{name:<{width}} {default:<10} {option_help(option).rsplit(' (default: ', 1)[0]}")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ import torch
 
 import fbrain
 from fbrain import devices
-from fbrain.devices import DeviceError, resolve_device
+from fbrain.devices import DeviceError, default_device, resolve_device
 
 
 @pytest.fixture
@@ -25,7 +25,9 @@ def two_gpus(monkeypatch):
 
 
 def test_cpu_and_none_and_device_objects():
-    assert resolve_device("cpu") == resolve_device(None) == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device(None) == resolve_device(default_device())  # SpeechBrain 1.1: the accelerator, else cpu
+    assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device(" cpu ") == torch.device("cpu")
 
 

@@ -18,63 +18,58 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fbrain.brain.run_options import DEFAULTS, HELP, PRECISIONS
-
-_TRUE = {"true", "yes", "1", "on"}
-_FALSE = {"false", "no", "0", "off"}
+from fbrain.brain.option_kinds import Flag, Names, Optional, Union
+from fbrain.brain.run_options import OPTIONS, Option, check_value, read_text
 
 
-def _boolean(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {text!r}")
+def command_line_options() -> dict[str, Option]:
+    """The run options a command line takes: what ``--help`` lists, each once. SpeechBrain's
+    ``tqdm_barcolor`` (a dict) and ``param_file`` (the first argument) are not options there, and
+    options fbrain refuses are not offered."""
+    return {name: option for name, option in OPTIONS.items()
+            if option.on_command_line and option.origin != "refused"}
 
 
-def _optional_int(text: str):
-    return None if text.lower() == "none" else int(text)
+def _is_switch(kind) -> bool:
+    """Options that may stand alone (``--debug``) meaning true."""
+    return isinstance(kind, Flag) or (isinstance(kind, Union) and any(isinstance(k, Flag) for k in kind.kinds))
 
 
-def _optional_float(text: str):
-    return None if text.lower() == "none" else float(text)
+def _reader(name: str):
+    def read(text: str):
+        try:
+            return read_text(name, text, "command line")
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix("command line: ")) from None
+    read.__name__ = name  # argparse names the option's type in some messages
+    return read
 
 
-# Options whose default does not tell their type.
-_TYPES = {
-    "device": str,
-    "log_config": str,
-    "optimizer_step_limit": _optional_int,
-    "ema_decay": _optional_float,
-    "max_grad_norm": float,
-    "ckpt_interval_minutes": float,
-}
-_LISTS = ("compile_module_keys", "jit_module_keys")
-_NOT_ON_COMMAND_LINE = ("tqdm_barcolor", "param_file")
+def option_help(option: Option) -> str:
+    """An option's help line with its default (and what kind of option it is)."""
+    origin = {"fbrain": " [fbrain's own]", "compatibility": " [accepted for compatibility]"}.get(option.origin, "")
+    return f"{option.help}{origin} (default: {option.default})"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Run an fbrain (SpeechBrain-style) experiment",
+    parser = argparse.ArgumentParser(description="Run an fbrain (SpeechBrain-style) experiment. Other --name value "
+                                                 "pairs override the hyperparameters file's entries.",
                                      argument_default=argparse.SUPPRESS,
                                      allow_abbrev=False)  # `--data` must not become `--data_parallel_...`
     parser.add_argument("param_file", help="the hyperparameters file (HyperPyYAML)")
-    for name, default in DEFAULTS.items():
-        if name in _NOT_ON_COMMAND_LINE:
+    for name, option in OPTIONS.items():
+        if not option.on_command_line:
             continue
-        kwargs = {"help": HELP.get(name, "see SpeechBrain's run options")}
-        if name in _LISTS:
-            kwargs.update(nargs="*", type=str)
-        elif isinstance(default, bool):
-            # `--flag` switches on, `--flag=False` (or `--flag False`) switches off.
-            kwargs.update(nargs="?", const=True, type=_boolean)
-        elif name in _TYPES:
-            kwargs["type"] = _TYPES[name]
+        kwargs = {"help": option_help(option) if name in command_line_options() else argparse.SUPPRESS}
+        inner = option.kind.kind if isinstance(option.kind, Optional) else option.kind
+        if isinstance(inner, Names):
+            kwargs.update(nargs="*", type=str)  # `--compile_module_keys enc dec`, as SpeechBrain
         else:
-            kwargs["type"] = type(default)
-        if "precision" in name and not name.endswith("mix_prec"):
-            kwargs["choices"] = PRECISIONS
-        parser.add_argument(f"--{name}", **kwargs)
+            kwargs["type"] = _reader(name)
+            if _is_switch(option.kind):
+                # `--flag` switches on, `--flag=False` (or `--flag false`) switches off.
+                kwargs.update(nargs="?", const=True)
+        parser.add_argument(f"--{name}", metavar="VALUE", **kwargs)
     return parser
 
 
@@ -93,9 +88,21 @@ def _to_yaml(extra: list[str]) -> str:
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[str, dict, str]:
-    """``(hparams_file, run_opts, overrides)`` from ``argv`` (default ``sys.argv[1:]``)."""
+    """``(hparams_file, run_opts, overrides)`` from ``argv`` (default ``sys.argv[1:]``).
+
+    A bad value, or an option fbrain refuses, exits with argparse's usage error naming it.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parsed, extra = _parser().parse_known_args(argv)
+    parser = _parser()
+    parsed, extra = parser.parse_known_args(argv)
     run_opts = vars(parsed)
     hparams_file = run_opts.pop("param_file")
+    try:
+        for name, value in run_opts.items():
+            if isinstance(value, list):  # `--compile_module_keys enc dec` (or `none`): read as one text
+                value = read_text(name, " ".join(value), "command line")
+            run_opts[name] = check_value(name, value, "command line")
+    except ValueError as err:
+        parser.error(str(err))
     return hparams_file, run_opts, _to_yaml(extra)
+

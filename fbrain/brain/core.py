@@ -429,11 +429,6 @@ class Brain:
     def on_fit_start(self):
         """Compile modules, create the optimizers and state, recover a checkpoint."""
         compile_modules(self.modules, self)
-        if self.data_parallel_backend:
-            raise NotImplementedError(
-                "run option data_parallel_backend: fbrain.Brain has no single-process DataParallel; "
-                "launch with torchrun for data parallelism"
-            )
         self.init_optimizers()
         # New torch optimizers get a fresh optimizer state (SpeechBrain's fit does the same); an
         # init_optimizers that kept the previous ones (views already) keeps their state.
