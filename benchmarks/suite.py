@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -43,6 +44,24 @@ MAX_STEPS_PER_TURN = 1000
 # fixed tolerance, so the final losses are reported but not compared.
 AGREEMENT = 1e-4  # relative
 CHECK_CALLS = (2, 2)  # steps of each agreement call
+
+# Seconds one workload takes on a quiet 2-core CPU (AMD EPYC, torch 2.11, --device cpu, memory
+# processes included), per mode: what the suite prints as its expected duration when it starts.
+# quick: the quick run of 2026-12-07 (the README's table) took 538 s for its four workloads; split
+# by what differs between them in that run's results (cold starts, which the compiled systems pay
+# again in their memory processes, and the timed turns) over an equal rest (process starts and
+# imports, ~87 s each). tiny-linear alone measured 135 s on 2026-12-07, in line with the split.
+# tiny: per workload as results.json recorded them, one run of python -m benchmarks --tiny (105 s in
+# all) on the same machine on 2026-12-07, torch.compile's cache cold as on a new machine (with the
+# cache warm from that run, the next took 41 s: 19, 5, 7 and 9 s).
+# results.json records each workload's seconds ("workload_seconds") to refresh these from.
+# full mode is not timed: its turns are longer and more, so the quick figures are a lower bound.
+EXPECTED_SECONDS = {
+    "quick": {"tiny-linear": 135, "mlp": 113, "enhance-blstm": 102, "convtasnet-small": 188},
+    "tiny": {"tiny-linear": 20, "mlp": 16, "enhance-blstm": 25, "convtasnet-small": 44},
+}
+CHART_HINT = ("chart not drawn: matplotlib is not installed; for {path}, install it (pip install matplotlib, "
+              "or the bench extra: pip install -e \".[bench]\") and run the suite again")
 
 
 def machine(device: torch.device) -> dict:
@@ -210,9 +229,31 @@ def chart_bars(rows: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
     return bars
 
 
-def chart(rows: list[dict], path: str, info: dict, mode: str) -> None:
+def expected_duration(mode: str, names: list[str], device: str = "cpu") -> str:
+    """The line the suite starts with: how long ``names`` take in ``mode``, from
+    :data:`EXPECTED_SECONDS` (a lower bound where the mode or a workload has no figure)."""
+    figures = EXPECTED_SECONDS.get(mode, EXPECTED_SECONDS["quick"])
+    known = sum(figures[n] for n in names if n in figures)
+    untimed = [n for n in names if n not in figures]
+    notes = [f"the {mode} mode is not timed: the quick mode's figures"] if mode not in EXPECTED_SECONDS else []
+    notes += [f"not timed: {', '.join(untimed)}"] if untimed else []
+    notes += [f"timed on a CPU, not on {device}"] if device != "cpu" else []
+    amount = f"about {round(known / 60)} minutes" if known >= 90 else f"about {known} seconds"
+    if not known:
+        amount = "unknown"
+    elif mode not in EXPECTED_SECONDS or untimed:
+        amount = f"more than {amount}"
+    return (f"expected: {amount} on a quiet 2-core CPU{' (' + '; '.join(notes) + ')' if notes else ''}; "
+            "a busy machine takes several times longer")
+
+
+def chart(rows: list[dict], path: str, info: dict, mode: str) -> bool:
     """Bars of each system's median time per step over torch-loop's, whiskers from the fastest to
-    the slowest turn; the title says what was run, where and when."""
+    the slowest turn; the title says what was run, where and when. Without matplotlib (an optional
+    extra), prints how to get the chart and returns False."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print(CHART_HINT.format(path=path))
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,6 +277,8 @@ def chart(rows: list[dict], path: str, info: dict, mode: str) -> None:
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 @contextlib.contextmanager
@@ -257,7 +300,7 @@ def main(argv=None) -> None:
         return memory_probe(argv[1], argv[2], argv[3], int(argv[4]))
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", dest="mode", action="store_const", const="quick", help="the default; ~10 min on 2 cores")
+    size.add_argument("--quick", dest="mode", action="store_const", const="quick", help="the default; ~9 min on a quiet 2-core CPU")
     size.add_argument("--full", dest="mode", action="store_const", const="full", help="more turns, larger ConvTasNet")
     size.add_argument("--tiny", dest="mode", action="store_const", const="tiny", help="one step each (for tests)")
     parser.add_argument("--out", default="bench-out", help="folder for results.json and chart.png")
@@ -274,19 +317,25 @@ def main(argv=None) -> None:
     names = args.workloads or (FULL if mode == "full" else QUICK)
     info = {**machine(device), "contended": args.contended}
     os.makedirs(args.out, exist_ok=True)
+    print(f"{mode} mode, {len(names)} workload{'s' * (len(names) != 1)} ({', '.join(names)}): "
+          f"{expected_duration(mode, names, device.type)}", flush=True)
     start = time.perf_counter()
-    rows = []
+    rows, workload_seconds = [], {}
     with contention(args.contended), \
             tqdm(total=len(names) * MODES[mode][1], desc="benchmarks", unit="turn") as progress:
         for name in names:
             progress.set_postfix_str(name)
+            began = time.perf_counter()
             rows += run_workload(name, device, mode, memory=not args.no_memory and mode != "tiny", progress=progress)
+            workload_seconds[name] = time.perf_counter() - began
     table = markdown(rows, info)
     print(table)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"machine": info, "mode": mode, "seconds": time.perf_counter() - start, "rows": rows}, f, indent=1)
-    chart(rows, os.path.join(args.out, "chart.png"), info, mode)
-    print(f"\nwrote {args.out}/results.json and {args.out}/chart.png in {time.perf_counter() - start:.0f} s")
+        json.dump({"machine": info, "mode": mode, "seconds": time.perf_counter() - start,
+                   "workload_seconds": workload_seconds, "rows": rows}, f, indent=1)
+    drawn = chart(rows, os.path.join(args.out, "chart.png"), info, mode)
+    wrote = f"{args.out}/results.json and {args.out}/chart.png" if drawn else f"{args.out}/results.json"
+    print(f"\nwrote {wrote} in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ proves the suite runs end to end, writes its JSON, table and chart, and that the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 import os
@@ -43,7 +44,12 @@ def test_tiny_suite_has_every_system_and_workload_and_they_agree(tmp_path):
             assert row["check_loss"] == rows[(key[0], "torch-loop")]["check_loss"] or \
                 abs(row["check_loss"] / rows[(key[0], "torch-loop")]["check_loss"] - 1) < 1e-4
     assert {"cpu", "cores", "torch", "device", "date"} <= set(report["machine"])
-    assert os.path.getsize(tmp_path / "chart.png") > 1000
+    assert set(report["workload_seconds"]) == set(QUICK)
+    assert done.stdout.startswith("tiny mode, 4 workloads") and "expected: about" in done.stdout.splitlines()[0]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert os.path.getsize(tmp_path / "chart.png") > 1000
+    else:
+        assert "chart not drawn: matplotlib is not installed" in done.stdout
     for workload in QUICK:
         assert f"### {workload}:" in done.stdout
 
@@ -71,3 +77,30 @@ def test_contention_runs_busy_processes_only_while_the_suite_runs():
         time.sleep(1.0)
         assert all(cpu_ticks(p.pid) > 0 for p in busy)  # they burn CPU
     assert all(p.poll() is not None for p in busy)  # gone once the block ends
+
+
+def test_without_matplotlib_the_chart_step_says_how_to_get_it_and_the_suite_ends_well(monkeypatch, tmp_path, capsys):
+    from benchmarks import suite
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # find_spec reports it missing
+    monkeypatch.setattr(suite, "run_workload", lambda name, *args, **kwargs: [
+        {"workload": name, "system": "torch-loop", "error": "not run in this test", "us_per_step": None}])
+    suite.main(["--tiny", "--workloads", "mlp", "--out", str(tmp_path)])  # no exception, no exit
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("tiny mode, 1 workload (mlp): expected: about 16 seconds on a quiet 2-core CPU; "
+                        "a busy machine takes several times longer")
+    assert any(line.startswith("### mlp: ") for line in lines)  # the table as usual
+    hint = [line for line in lines if line.startswith("chart not drawn")]
+    assert len(hint) == 1 and "pip install matplotlib" in hint[0] and 'pip install -e ".[bench]"' in hint[0], lines
+    assert lines[-1].startswith(f"wrote {tmp_path}/results.json in ")
+    assert (tmp_path / "results.json").exists() and not (tmp_path / "chart.png").exists()
+
+
+def test_the_start_line_names_the_expected_duration_of_the_chosen_mode_and_workloads():
+    from benchmarks.suite import EXPECTED_SECONDS, expected_duration
+    assert sum(EXPECTED_SECONDS["quick"][w] for w in QUICK) == 538  # the quick run these figures split
+    assert expected_duration("quick", QUICK).startswith("expected: about 9 minutes on a quiet 2-core CPU; ")
+    assert expected_duration("quick", ["tiny-linear"]).startswith("expected: about 2 minutes")
+    assert expected_duration("tiny", ["mlp"]).startswith("expected: about 16 seconds")
+    full = expected_duration("full", QUICK + ["convtasnet-large"])
+    assert full.startswith("expected: more than about 9 minutes") and "not timed: convtasnet-large" in full
+    assert "a busy machine takes several times longer" in full
