@@ -12,7 +12,8 @@ first use. So ``sb.utils.checkpoints.Checkpointer`` is fbrain's Checkpointer and
 SpeechBrain comes from the optional ``speechbrain`` extra; without it, such a name is an
 ImportError that names the extra. Importing SpeechBrain changes global state (it turns TF32 on
 and patches the DataLoader): fbrain itself never imports it, only a recipe that asks for one of
-its names does.
+its names does, and then fbrain puts back the global torch flags that import changed
+(:data:`SPEECHBRAIN_FLAGS`), so ``sb.dataio.dataset`` leaves torch as it found it.
 
 Example::
 
@@ -25,9 +26,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import types
-from typing import Any
+from typing import Any, Callable, Iterator
+
+import torch
+
+from fbrain import torch_compat
 
 # SpeechBrain's top-level packages that ``fbrain.<name>`` stands for.
 PACKAGES = frozenset({
@@ -62,6 +68,62 @@ FBRAIN_OBJECTS = {
     "dataio.batch.PaddedData": "fbrain.data:PaddedData",
 }
 
+# The global torch flags importing SpeechBrain changes, put back after each SpeechBrain import fbrain
+# makes. SpeechBrain 1.x applies its "quirks" on import (speechbrain.utils.quirks): TF32 on for CUDA
+# matmuls and cuDNN, TorchScript's profiling executor and mode off, cuDNN benchmarking off on ROCm.
+# Measured with torch 2.11 and SpeechBrain 1.1 (every torch.backends flag, the float32 matmul
+# precision, deterministic/grad/threads/default dtype compared before and after the import): on CPU
+# what changes is cuda.matmul.allow_tf32 (False -> True; torch reports the same switch as
+# get_float32_matmul_precision() "highest" -> "high" and cuda.matmul.fp32_precision "none" -> "tf32")
+# and the two TorchScript switches; cudnn.allow_tf32 is already on by default, and changes only where
+# it was turned off. torch has an older API (allow_tf32, the float32 matmul precision) and a newer one
+# (fp32_precision) for one state, and refuses a CUDA matmul while they disagree: the older switches
+# are put back first (they also set the newer ones, mkldnn.matmul's included, which is listed for
+# that), then the newer ones, so both read as before. Only a flag whose value differs is written.
+SPEECHBRAIN_FLAGS = (
+    "float32_matmul_precision", "cuda.matmul.fp32_precision", "mkldnn.matmul.fp32_precision",
+    "cudnn.allow_tf32", "cudnn.conv.fp32_precision", "cudnn.rnn.fp32_precision",
+    "cudnn.benchmark", "jit_profiling",
+)
+
+
+def _flag_access(name: str) -> tuple[Callable[[], Any], Callable[[Any], None]]:
+    """The reader and writer of one of :data:`SPEECHBRAIN_FLAGS`."""
+    if name == "float32_matmul_precision":
+        return torch.get_float32_matmul_precision, torch.set_float32_matmul_precision
+    if name == "jit_profiling":
+        return torch_compat.jit_profiling, torch_compat.set_jit_profiling
+    *parents, attribute = name.split(".")
+    owner = torch.backends
+    for part in parents:
+        owner = getattr(owner, part)
+    return (lambda: getattr(owner, attribute)), (lambda value: setattr(owner, attribute, value))
+
+
+@contextlib.contextmanager
+def _torch_flags_kept() -> Iterator[None]:
+    """The block may import SpeechBrain: afterwards :data:`SPEECHBRAIN_FLAGS` read as before it."""
+    saved = {}
+    for name in SPEECHBRAIN_FLAGS:
+        try:
+            read, write = _flag_access(name)
+            saved[name] = (read(), read, write)
+        except AttributeError:  # not in this torch: nothing SpeechBrain can change there
+            continue
+        except RuntimeError:  # torch's two TF32 APIs already disagree (the caller mixed them): leave it
+            continue
+    try:
+        yield
+    finally:
+        for name, (value, read, write) in saved.items():
+            try:
+                changed = read() != value
+            except RuntimeError:  # the APIs disagree now: the older switch, written back, settles it
+                changed = True
+            if changed:
+                write(value)
+
+
 MISSING = ("fbrain.{path} is SpeechBrain's speechbrain.{path}, and SpeechBrain is not installed "
            "({error}); install it with fbrain's `speechbrain` extra: pip install 'fbrain[speechbrain]'")
 
@@ -73,6 +135,11 @@ def _fbrain_object(spec: str) -> Any:
 
 def _speechbrain_module(path: str) -> types.ModuleType | None:
     """``speechbrain.<path>`` if it is a module (imported now), else None (an attribute, then)."""
+    with _torch_flags_kept():
+        return _import_speechbrain_module(path)
+
+
+def _import_speechbrain_module(path: str) -> types.ModuleType | None:
     try:
         importlib.import_module("speechbrain")
     except ImportError as err:
@@ -106,10 +173,12 @@ class SpeechBrainNamespace(types.ModuleType):
         if _speechbrain_module(full) is not None:
             return SpeechBrainNamespace(full)
         parent = _speechbrain_module(self._path)
-        if parent is None or not hasattr(parent, name):
+        with _torch_flags_kept():  # SpeechBrain's packages import their modules when first asked
+            found = parent is not None and hasattr(parent, name)
+            value = getattr(parent, name) if found else None
+        if not found:
             raise AttributeError(f"fbrain.{self._path} (SpeechBrain's speechbrain.{self._path}) has no "
                                  f"attribute {name!r}")
-        value = getattr(parent, name)
         if isinstance(value, types.ModuleType) and value.__name__.startswith("speechbrain."):
             return SpeechBrainNamespace(value.__name__[len("speechbrain."):])
         return value

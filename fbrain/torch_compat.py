@@ -17,6 +17,9 @@ release moves one of these, this file is the only one to change.
 - ``reparametrize_module``: ``torch.nn.utils.stateless._reparametrize_module``, the context manager
   ``torch.func.functional_call`` runs in (a module's tensors swapped for given ones; traces under
   torch.compile). :func:`fbrain.functional.swapped` uses it under torch.compile and for nested swaps.
+- :func:`jit_profiling` / :func:`set_jit_profiling`: TorchScript's profiling executor and mode
+  (``torch._C._jit_set_profiling_*``), which importing SpeechBrain turns off; fbrain puts them back.
+  Missing: None, and nothing to put back.
 
 Example::
 
@@ -84,6 +87,28 @@ COMPILE_FAILURES = _dynamo_exceptions()
 # argument handling; fbrain needs the context manager itself (a block, not one call), which torch
 # keeps private. The name, not a wrapper, so torch.compile sees torch's own function.
 reparametrize_module = _stateless._reparametrize_module
+
+
+def jit_profiling() -> tuple[bool, bool] | None:
+    """TorchScript's global switches ``(profiling executor, profiling mode)``, or None in a torch
+    without them. torch has only their setters, which return the old value: each is read by setting
+    it and setting it back."""
+    setters = (getattr(torch._C, "_jit_set_profiling_executor", None),
+               getattr(torch._C, "_jit_set_profiling_mode", None))
+    if not all(callable(s) for s in setters):
+        return None
+    state = []
+    for setter in setters:
+        old = setter(True)
+        setter(old)
+        state.append(bool(old))
+    return state[0], state[1]
+
+
+def set_jit_profiling(state: tuple[bool, bool]) -> None:
+    """Set what :func:`jit_profiling` read."""
+    torch._C._jit_set_profiling_executor(state[0])
+    torch._C._jit_set_profiling_mode(state[1])
 
 
 def in_functorch_transform() -> bool:

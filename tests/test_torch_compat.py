@@ -85,6 +85,18 @@ def test_reparametrize_module_swaps_a_modules_tensors_for_the_block_only():
     assert model.weight is own
 
 
+def test_jit_profiling_switches_read_and_set_back():
+    before = torch_compat.jit_profiling()
+    assert before is not None and all(isinstance(flag, bool) for flag in before), before
+    try:
+        torch_compat.set_jit_profiling((not before[0], before[1]))
+        assert torch_compat.jit_profiling() == (not before[0], before[1])  # reading changes nothing
+        assert torch_compat.jit_profiling() == (not before[0], before[1])
+    finally:
+        torch_compat.set_jit_profiling(before)
+    assert torch_compat.jit_profiling() == before
+
+
 FBRAIN_SOURCES = sorted((REPO / "fbrain").rglob("*.py"))
 
 
