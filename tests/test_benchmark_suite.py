@@ -97,10 +97,10 @@ def test_without_matplotlib_the_chart_step_says_how_to_get_it_and_the_suite_ends
 
 def test_the_start_line_names_the_expected_duration_of_the_chosen_mode_and_workloads():
     from benchmarks.suite import EXPECTED_SECONDS, expected_duration
-    assert sum(EXPECTED_SECONDS["quick"][w] for w in QUICK) == 538  # the quick run these figures split
-    assert expected_duration("quick", QUICK).startswith("expected: about 9 minutes on a quiet 2-core CPU; ")
+    assert sum(EXPECTED_SECONDS["quick"][w] for w in QUICK) == 328  # the cold quick run of 2026-12-07 23:17
+    assert expected_duration("quick", QUICK).startswith("expected: about 5 minutes on a quiet 2-core CPU; ")
     assert expected_duration("quick", ["tiny-linear"]).startswith("expected: about 2 minutes")
     assert expected_duration("tiny", ["mlp"]).startswith("expected: about 16 seconds")
     full = expected_duration("full", QUICK + ["convtasnet-large"])
-    assert full.startswith("expected: more than about 9 minutes") and "not timed: convtasnet-large" in full
+    assert full.startswith("expected: more than about 5 minutes") and "not timed: convtasnet-large" in full
     assert "a busy machine takes several times longer" in full

@@ -1,11 +1,11 @@
 """``compile_steps="auto"`` (the default): compile the train step when the fit is long enough to repay it.
 
 A compiled step is one graph for forward, backward, clipping and update; on small CPU models it
-takes 0.3-0.6x the eager step's time, but compiling costs about 25 s on this 2-core machine (16 s
-with torch's on-disk FX graph and AOTAutograd caches warm, which are on by default), measured for
-the quick suite's tiny and MLP workloads. At the 0.4-1.7 ms a step that compiling saves there, it
-repays itself after 15,000-60,000 steps. So the default compiles the train step when the fit plans
-at least ``auto_compile_min_steps`` (20,000) of them, and runs it eagerly otherwise.
+takes well under the eager step's time, but compiling costs seconds to tens of seconds (torch's
+on-disk FX graph and AOTAutograd caches, on by default, shorten a second start). Set against the
+time a step saves, compiling repays itself after some thousands to tens of thousands of steps
+(docs/benchmarks.md has the suite's figures). So the default compiles the train step when the fit
+plans at least ``auto_compile_min_steps`` (20,000) of them, and runs it eagerly otherwise.
 
 The decision is a function of the run's plan only (epochs left x batches per epoch, the step
 limits), never of timings, so the same recipe with the same data always takes the same path, and
