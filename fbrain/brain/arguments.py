@@ -1,4 +1,5 @@
-"""``parse_arguments``: SpeechBrain's command line, with each option's proper type.
+"""``parse_arguments``: SpeechBrain's command line, each run option read by its kind in the one
+typed table (:data:`fbrain.brain.run_options.OPTIONS`), which also makes ``--help``.
 
 Returns ``(hparams_file, run_opts, overrides)``: ``run_opts`` holds only the options given on
 the command line (so hparams can still set the others), ``overrides`` is the YAML text of the
@@ -8,9 +9,12 @@ Example::
 
     >>> from fbrain.brain.arguments import parse_arguments
     >>> f, opts, overrides = parse_arguments(
-    ...     ["train.yaml", "--device=cuda:1", "--max_grad_norm", "2", "--noprogressbar=False", "--lr", "0.1"])
-    >>> f, opts, overrides
-    ('train.yaml', {'device': 'cuda:1', 'max_grad_norm': 2.0, 'noprogressbar': False}, 'lr: 0.1')
+    ...     ["train.yaml", "--device=cuda:1", "--max_grad_norm", "2", "--noprogressbar=False", "--lr", "0.1",
+    ...      "--compile_steps", "true"])
+    >>> f, overrides
+    ('train.yaml', 'lr: 0.1')
+    >>> opts
+    {'device': 'cuda:1', 'max_grad_norm': 2.0, 'noprogressbar': False, 'compile_steps': True}
 """
 
 from __future__ import annotations
@@ -57,10 +61,12 @@ def _parser() -> argparse.ArgumentParser:
                                      argument_default=argparse.SUPPRESS,
                                      allow_abbrev=False)  # `--data` must not become `--data_parallel_...`
     parser.add_argument("param_file", help="the hyperparameters file (HyperPyYAML)")
+    offered = command_line_options()
     for name, option in OPTIONS.items():
         if not option.on_command_line:
             continue
-        kwargs = {"help": option_help(option) if name in command_line_options() else argparse.SUPPRESS}
+        # A refused option is parsed (so its error can say what to do instead), never offered.
+        kwargs = {"help": option_help(option) if name in offered else argparse.SUPPRESS}
         inner = option.kind.kind if isinstance(option.kind, Optional) else option.kind
         if isinstance(inner, Names):
             kwargs.update(nargs="*", type=str)  # `--compile_module_keys enc dec`, as SpeechBrain

@@ -140,10 +140,6 @@ OPTIONS: dict[str, Option] = {
 DEFAULTS: dict[str, Any] = {name: option.default for name, option in OPTIONS.items()}
 
 
-def run_option_names() -> list[str]:
-    return list(OPTIONS)
-
-
 def read_text(name: str, text: str, where: str) -> Any:
     """The value of option ``name`` written as ``text`` (the command line, the environment)."""
     try:
