@@ -43,6 +43,14 @@ class Kind:
     def fail(self, got: Any) -> ValueError:
         return ValueError(f"expected {self.expected}, got {got!r}")
 
+    def _converted(self, convert, text: str) -> Any:
+        """``convert(text)`` checked; a text ``convert`` refuses fails as this kind."""
+        try:
+            value = convert(text.strip())
+        except ValueError:
+            raise self.fail(text) from None
+        return self.check(value)
+
 
 class Flag(Kind):
     """True or False; as text ``true/false``, ``yes/no``, ``on/off``, ``1/0`` (any case)."""
@@ -71,11 +79,7 @@ class Integer(Kind):
         self.expected = "an int" + ("" if minimum is None else f" >= {minimum}")
 
     def from_text(self, text: str) -> int:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise self.fail(text) from None
-        return self.check(value)
+        return self._converted(int, text)
 
     def check(self, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -99,11 +103,7 @@ class Number(Kind):
         self.expected = "a finite number" + bounds
 
     def from_text(self, text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise self.fail(text) from None
-        return self.check(value)
+        return self._converted(float, text)
 
     def check(self, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
