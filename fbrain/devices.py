@@ -79,11 +79,12 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
                               "and a torch built with MPS); use device='cpu'")
         return device
     if device.type not in ("cpu", "meta"):
-        backend = getattr(torch, device.type, None)
-        available = getattr(backend, "is_available", None)
-        if available is not None and not available():
+        # Other backends (xpu, hpu ...) answer torch.<type>.is_available(); one without that module
+        # (xla without torch_xla) is not usable by this torch, and would fail deep inside a step.
+        available = getattr(getattr(torch, device.type, None), "is_available", None)
+        if available is None or not available():
             raise DeviceError(f"device {str(device)!r}: not available in this torch ({torch.__version__}); "
-                              "use device='cpu'")
+                              "use device='cpu', 'cuda' or 'mps', or install the backend's torch package")
     return device
 
 

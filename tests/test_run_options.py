@@ -39,7 +39,7 @@ def test_compile_steps_parses_on_the_command_line(text, expected):
 def test_a_bare_switch_means_true_and_bad_values_exit_naming_the_option(capsys):
     assert parse_arguments(["hp.yaml", "--compile_steps"])[1] == {"compile_steps": True}
     assert parse_arguments(["hp.yaml", "--debug", "--noprogressbar"])[1] == {"debug": True, "noprogressbar": True}
-    for argv, message in [(["--compile_steps", "maybe"], "compile_steps: expected true or false or one of auto"),
+    for argv, message in [(["--compile_steps", "maybe"], "compile_steps: expected true, false or auto"),
                           (["--max_grad_norm", "nan"], "max_grad_norm: expected a finite number, or none"),
                           (["--grad_accumulation_factor", "0"], "grad_accumulation_factor: expected an int >= 1"),
                           (["--ema_decay", "1.5"], "ema_decay: expected a finite number in [0, 1], or none"),
@@ -97,7 +97,7 @@ def test_docs_hold_the_tables_own_text():
 
 
 @pytest.mark.parametrize("name, value, message", [
-    ("noprogressbar", "False", "noprogressbar: expected true or false, got 'False'; in YAML write it without quotes"),
+    ("noprogressbar", "False", "noprogressbar: expected true or false, got 'False'"),
     ("max_grad_norm", math.nan, "max_grad_norm: expected a finite number, or none"),
     ("max_grad_norm", True, "max_grad_norm"),
     ("grad_accumulation_factor", 2.0, "grad_accumulation_factor: expected an int >= 1, got 2.0"),
@@ -112,6 +112,13 @@ def test_hparams_and_run_opts_are_held_to_the_same_kinds(name, value, message):
         with pytest.raises(ValueError, match=re.escape(message)) as raised:
             resolve_run_options(environ={}, **kwargs)
         assert str(raised.value).startswith(f"{where}: run option {name}")
+
+
+def test_a_quoted_yaml_value_is_told_to_lose_its_quotes():
+    with pytest.raises(ValueError, match="got 'False'; in YAML write it without quotes"):
+        resolve_run_options(hparams={"noprogressbar": "False"}, environ={})
+    with pytest.raises(ValueError, match=r"got 'maybe'$"):  # not a flag's text either: no such hint
+        resolve_run_options(hparams={"noprogressbar": "maybe"}, environ={})
 
 
 def test_the_three_sources_give_equal_values():

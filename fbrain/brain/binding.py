@@ -32,6 +32,29 @@ class Binding:
             owner = module.get_submodule(owner_path) if owner_path else module
             self.buffer_slots.append((name, owner, leaf))
 
+    def check(self, params: dict, buffers: dict, where: str) -> None:
+        """Raise, naming the tensor, unless ``params`` and ``buffers`` have the module's names,
+        shapes and dtypes (what :meth:`bind` needs to leave the module as it was built). Cheap
+        enough for every step: a key comparison and two attribute reads a tensor."""
+        for kind, given, expected in (("params", params, self.params), ("buffers", buffers, self._buffers())):
+            if given.keys() != expected.keys():
+                raise KeyError(f"{where}.{kind}: not the modules' tensors (missing {sorted(expected.keys() - given)}, "
+                               f"unexpected {sorted(given.keys() - expected.keys())}); give a state made for "
+                               "these modules")
+            for name, old in expected.items():
+                new = given[name]
+                if old is None or new is None or not isinstance(new, torch.Tensor):
+                    if old is None and new is None:
+                        continue
+                elif new.shape == old.shape and new.dtype == old.dtype:
+                    continue
+                describe = lambda t: f"shape {tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else repr(t)  # noqa: E731
+                raise ValueError(f"{where}.{kind}[{name!r}]: expected {describe(old)} (the module's), got "
+                                 f"{describe(new)}; give a state made for these modules")
+
+    def _buffers(self) -> dict:
+        return {name: owner._buffers[leaf] for name, owner, leaf in self.buffer_slots}
+
     def bind(self, params: dict, buffers: dict) -> None:
         for name, p in self.params.items():
             p.data = params[name]

@@ -60,6 +60,7 @@ from fbrain.brain.module_compile import compile_modules
 from fbrain.brain.optimizers import OptimizerLayout, layout_of, vector_weight_decay_groups
 from fbrain.brain.preemption import Preemption
 from fbrain.brain.profiling import TrainingProfiler
+from fbrain.brain.inputs import checked_checkpointer, checked_epoch_counter, checked_seed, registration_conflict
 from fbrain.brain.run_options import resolve_run_options
 from fbrain.brain.running_mean import RunningMean
 from fbrain.brain.stage import Stage
@@ -120,14 +121,13 @@ class Brain:
         if opt_class is not None and not isinstance(opt_class, GradientTransformation):
             optim.from_torch(opt_class)  # fails now, naming opt_class, rather than when fit starts
         self.opt_class = opt_class
-        self.checkpointer = checkpointer
+        self.checkpointer = checked_checkpointer(checkpointer)
         self.modules = torch.nn.ModuleDict(modules or {}).to(self.device)
         self.raw_modules = self.modules
         if hparams is not None:
             self.hparams = SimpleNamespace(**hparams)
-        seed = (hparams or {}).get("seed", 0)
         # The Brain's own random stream (data order, dropout via state.rng): never the global RNG.
-        self.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+        self.seed = checked_seed(hparams)
         self.distributed_launch = _distributed.active()
 
         self.optimizer = None
@@ -161,10 +161,13 @@ class Brain:
         self.eval_params = None
         self.eval_rng = None  # during an eval stage: the key its next batch draws from
         self._shards_written_to = None  # shard_optimizer_state: the folder this rank's shard went to
-        if checkpointer is not None and hasattr(checkpointer, "add_recoverable") and \
-                "brain" not in getattr(checkpointer, "recoverables", {}):
+        if checkpointer is not None:
+            conflict = registration_conflict(checkpointer, Brain)
+            if conflict:
+                raise ValueError(conflict)
             # SpeechBrain's own Checkpointer (a recipe's YAML may make one) finds hooks by class.
             register_with_speechbrain(Brain, EpochCounter)
+            checkpointer.recoverables.pop("brain", None)  # an earlier Brain's: the newest Brain saves
             checkpointer.add_recoverable("brain", self)
         self.print_trainable_parameters()
 
@@ -179,6 +182,7 @@ class Brain:
     def state(self, new: TrainState) -> None:
         if not isinstance(new, TrainState):
             raise TypeError(f"Brain.state: expected an fbrain.TrainState, got {type(new).__name__}")
+        self._binding.check(new.params, new.buffers, "Brain.state")  # before anything changes
         self._state = new
         self._binding.bind(new.params, new.buffers)
 
@@ -277,6 +281,12 @@ class Brain:
         template = self._state
         if template is not None and self.shard_group is not None:  # checkpoints hold the whole state
             template = sharding.whole_shaped(template, self._layout.transformation(), self.shard_group)
+        if template is not None and self._layout is not None and not self._layout.groups and \
+                isinstance(saved, TrainState):
+            # No optimizer here (a Brain made without opt_class to evaluate): the checkpoint's optimizer
+            # state is not loaded, as SpeechBrain's Brain, which registers its optimizer with the
+            # checkpointer only where it has one; parameters, buffers and counters are checked as ever.
+            saved = saved.replace(opt_state=template.opt_state)
         state = _checkpoint.restore(saved, template, device=self.device if self._state is None else None)
         state = self._sharded(state)  # for this run's ranks, however many saved it
         train_loss = None if end_of_epoch else _checkpoint.restore(record["train_loss"], device=self.device)
@@ -370,9 +380,11 @@ class Brain:
             view = OptimizerView(self._imperative, spec)
             if self.optimizers_dict is not None:
                 self.optimizers_dict[key] = view
-            # Attributes that held the torch optimizer (self.optimizer, self.g_optimizer ...) get the view.
+            # Attributes that held the torch optimizer (self.optimizer, self.g_optimizer ...) get the view;
+            # opt_class stays what was given (a transformation given as opt_class is also what
+            # init_optimizers puts in self.optimizer), so a second fit makes its optimizer again.
             for attr, value in list(vars(self).items()):
-                if value is old[key]:
+                if value is old[key] and attr != "opt_class":
                     setattr(self, attr, view)
 
     def freeze_optimizers(self, optimizers):
@@ -442,8 +454,15 @@ class Brain:
                             self.optimizer_step)
 
     def on_evaluate_start(self, max_key=None, min_key=None):
+        """Recover the best checkpoint (``max_key`` / ``min_key``) into the Brain. Where checkpoints
+        match but none can be loaded (damaged, or another model's), a CheckpointError naming each
+        (SpeechBrain's recovery raises too): the untrained weights are never evaluated in their
+        place. Where none has the key, nothing is recovered, after a warning (SpeechBrain's: an info line)."""
         if self.checkpointer is not None and hasattr(self.checkpointer, "recover_if_possible"):
-            self.checkpointer.recover_if_possible(max_key=max_key, min_key=min_key)
+            if isinstance(self.checkpointer, _checkpoint.Checkpointer):
+                self.checkpointer.recover_if_possible(max_key=max_key, min_key=min_key, strict=True)
+            else:  # SpeechBrain's Checkpointer raises by itself when a load fails
+                self.checkpointer.recover_if_possible(max_key=max_key, min_key=min_key)
 
     # -- the default batch functions: the pure steps ----------------------------------------------
 
@@ -579,6 +598,7 @@ class Brain:
         if self.test_only:
             logger.info("Test only mode: skipping training and validation")
             return
+        checked_epoch_counter(epoch_counter)
         if not isinstance(train_set, DataLoader):
             train_set = self.make_dataloader(train_set, stage=Stage.TRAIN, **dict(train_loader_kwargs))
         if valid_set is not None and not isinstance(valid_set, DataLoader):
@@ -656,7 +676,9 @@ class Brain:
         try:
             with tqdm(train_set, initial=self.step, dynamic_ncols=True, disable=not enable,
                       colour=self.tqdm_barcolor["train"]) as bar:
+                given = 0
                 for batch in bar:
+                    given += 1
                     if self._step_limit_reached():
                         logger.info("Train iteration limit exceeded")
                         break
@@ -674,6 +696,10 @@ class Brain:
                         last_report = time.monotonic()
                     if self.debug and self.step == self.debug_batches:
                         break
+                if not given and not self.step:  # (not an epoch whose batches all ran before a restart)
+                    raise ValueError(
+                        f"train_set: expected at least one batch in epoch {epoch}, got none (an empty dataset, or "
+                        "drop_last with fewer examples than batch_size); check the data and train_loader_kwargs")
                 if self._pending:
                     # Micro-batches left over at the end of an epoch are applied (SpeechBrain drops them).
                     loss, _ = self._run_train_step(self._pending)
@@ -692,7 +718,7 @@ class Brain:
         self.step = 0
 
     def _eval_loop(self, dataset, stage, enable) -> float:
-        mean, custom, avg = RunningMean(), self._train_loss.custom, 0.0
+        mean, custom, avg, evaluated = RunningMean(), self._train_loss.custom, 0.0, 0
         # eval_with_ema: the averaged weights, found once per stage, sit in the modules for the
         # whole stage (an overridden evaluate_batch uses them) and go to the default eval step.
         self.eval_params = optim.ema_params(self.state.opt_state) if self.eval_with_ema else None
@@ -703,6 +729,7 @@ class Brain:
             for batch in tqdm(dataset, dynamic_ncols=True, disable=not enable,
                               colour=self.tqdm_barcolor["valid" if stage == Stage.VALID else "test"]):
                 self.step += 1
+                evaluated += 1
                 loss = self.evaluate_batch(batch, stage=stage)
                 if custom:
                     avg = self.update_average(loss, avg)
@@ -711,6 +738,11 @@ class Brain:
                 if self.debug and self.step == self.debug_batches:
                     break
         self.step, self.eval_params, self.eval_rng = 0, None, None
+        if not evaluated:
+            # SpeechBrain reports 0.0 here, which a min_key ranking would call the best checkpoint.
+            name = "valid_set" if stage == Stage.VALID else "test_set"
+            logger.warning("%s: expected at least one batch, got none; the %s stage's loss is nan", name, stage.name)
+            return float("nan")
         return avg if custom else mean.value()
 
     def _fit_valid(self, valid_set, epoch, enable):
@@ -728,9 +760,11 @@ class Brain:
         if not isinstance(test_set, DataLoader):
             kwargs = {**test_loader_kwargs, "ckpt_prefix": None}
             test_set = self.make_dataloader(test_set, Stage.TEST, **kwargs)
+        # The state a checkpoint is recovered into, made as fit makes it (modules and the optimizers
+        # init_optimizers gives): recovery checks the checkpoint against it exactly as fit's does
+        # (parameter names, shapes, dtypes, the optimizer state), and changes nothing on a mismatch.
+        self.ensure_state()
         self.on_evaluate_start(max_key=max_key, min_key=min_key)
-        if self._state is None:
-            self._install_layout(OptimizerLayout({}, [n for n, _ in self.modules.named_parameters()]))
         self.on_stage_start(Stage.TEST, epoch=None)
         self.modules.eval()
         avg_test_loss = self._eval_loop(test_set, Stage.TEST, enable)

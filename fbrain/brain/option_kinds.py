@@ -56,6 +56,7 @@ class Flag(Kind):
     """True or False; as text ``true/false``, ``yes/no``, ``on/off``, ``1/0`` (any case)."""
 
     expected = "true or false"
+    words = ("true", "false")
 
     def from_text(self, text: str) -> bool:
         lowered = text.strip().lower()
@@ -119,7 +120,7 @@ class Choice(Kind):
     """One of a few strings, exactly as written."""
 
     def __init__(self, *values: str):
-        self.values = values
+        self.values = self.words = values
         self.expected = "one of " + ", ".join(values)
 
     def from_text(self, text: str) -> str:
@@ -179,7 +180,11 @@ class Union(Kind):
 
     def __init__(self, *kinds: Kind):
         self.kinds = kinds
-        self.expected = " or ".join(k.expected for k in kinds)
+        if all(hasattr(k, "words") for k in kinds):  # kinds of a few words each: "true, false or auto"
+            words = [word for k in kinds for word in k.words]
+            self.expected = ", ".join(words[:-1]) + " or " + words[-1]
+        else:
+            self.expected = " or ".join(k.expected for k in kinds)
 
     def _first(self, read: str, value: Any) -> Any:
         for kind in self.kinds:

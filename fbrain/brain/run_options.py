@@ -155,11 +155,21 @@ def check_value(name: str, value: Any, where: str) -> Any:
     try:
         checked = option.kind.check(value)
     except ValueError as err:
-        hint = "; in YAML write it without quotes" if isinstance(value, str) else ""
-        raise ValueError(f"{where}: run option {name}: {err}{hint}") from None
+        raise ValueError(f"{where}: run option {name}: {err}{_quoted_hint(option.kind, value, where)}") from None
     if option.origin == "refused" and checked != option.default:
         raise ValueError(f"{where}: run option {name}={checked!r}: {option.help}")
     return checked
+
+
+def _quoted_hint(kind: Kind, value: Any, where: str) -> str:
+    """For a YAML value the kind would take as text (``"False"``, ``"15"``): say to drop the quotes."""
+    if where != "hparams" or not isinstance(value, str):
+        return ""
+    try:
+        kind.from_text(value)
+    except ValueError:
+        return ""
+    return "; in YAML write it without quotes"
 
 
 def _overridden(run_opts: Any) -> dict[str, Any]:
