@@ -99,3 +99,44 @@ def test_a_device_this_torch_cannot_use_is_named_when_the_brain_is_built():
 def test_run_options_from_hparams_are_typed_not_truth_tested(name, value, message):
     with pytest.raises(ValueError, match=f"hparams: run option {message}"):
         brain(hparams={name: value}, run_opts={"device": "cpu"})
+
+
+# -- any value, any option: a named error or a checked value ------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from fbrain.brain.run_options import OPTIONS, resolve_run_options  # noqa: E402
+
+ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2**80, max_value=2**80),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.sampled_from(["true", "False", "auto", "none", "15", "fp16", "cuda:0", "nan"]),
+    st.lists(st.text(max_size=4), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(name=st.sampled_from(sorted(OPTIONS)), value=ANY_VALUE, where=st.sampled_from(["hparams", "run_opts"]))
+def test_any_value_for_any_run_option_is_a_named_error_or_a_value_of_its_kind(name, value, where):
+    try:
+        resolved = resolve_run_options(**{where: {name: value}}, environ={})
+    except ValueError as err:
+        # A value of the wrong kind names its source; one that conflicts with another option's
+        # default (eval_with_ema without ema_decay) names both options.
+        assert str(err).startswith((f"{where}: run option {name}", "run option")) and name in str(err), err
+        return
+    option = OPTIONS[name]
+    assert option.kind.check(resolved[name]) == resolved[name]  # what the Brain gets is of the option's kind
+    if option.origin == "refused":
+        assert resolved[name] == option.default
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=ANY_VALUE)
+def test_any_seed_is_a_named_error_or_the_brains_seed(seed):
+    try:
+        b = brain(hparams={"seed": seed})
+    except (TypeError, ValueError) as err:
+        assert str(err).startswith("hparams['seed']: expected an int in [0, 2**63)"), err
+        return
+    assert b.seed == seed and type(seed) is int
