@@ -47,7 +47,7 @@ from fbrain.loss_scale import DynamicLossScale
 from fbrain.optim import _foreach as fe
 from fbrain.optim.base import GradientTransformation, frozen_names
 from fbrain.precision import autocast, autocast_dtype
-from fbrain.state import TrainState, check_state
+from fbrain.state import TrainState, check_opt_state, check_state
 from fbrain.tree import device_of
 from fbrain.update import UpdateRule, apply_gradients
 
@@ -113,6 +113,7 @@ class TrainStep(_RandomnessFromState):
         self.bucket_elements = sharding.checked_bucket_elements(bucket_elements)
         self._batch_spec = None
         self._trainable: dict = {}  # parameter names -> those the optimizer does not freeze
+        self._opt_layouts: dict = {}  # layouts of (params, opt_state) checked against the optimizer
 
     @property
     def optimizer(self) -> GradientTransformation:
@@ -120,6 +121,8 @@ class TrainStep(_RandomnessFromState):
 
     def _check(self, state, batch) -> None:
         check_state(state)
+        if not self.shard_optimizer_state:  # a sharded state keeps slices (see fbrain.sharding)
+            check_opt_state(state, self.optimizer, self._opt_layouts)
         spec = structure(batch)
         if self._batch_spec is None:
             self._batch_spec = spec
@@ -239,6 +242,24 @@ def make_train_step(
 
     Metrics: ``loss``, ``grad_norm`` (before clipping), ``skipped``, ``loss_scale`` (fp16),
     per-example entries with ``per_example``, and the loss function's aux entries; all tensors.
+
+    The state it is given must be one ``optimizer`` made: before anything runs, each call checks that
+    ``state.opt_state`` is laid out as ``optimizer.init(state.params)`` would lay it out (the same
+    optimizer; every per-parameter tensor with its parameter's shape and dtype) and raises a
+    ``ValueError`` naming the path otherwise (a layout seen before costs one walk over the state's
+    structure). Not for ``shard_optimizer_state`` steps, whose state holds slices.
+
+    Frozen parameters: the step trains every parameter its optimizer does not freeze, whatever
+    ``requires_grad`` the module's parameter has. The state holds no such flag (``TrainState.create``
+    copies the parameters as detached tensors, and ``loss_fn`` is opaque), so the step cannot know
+    it; ``TrainState.create`` warns when it sees one. Freeze through the optimizer (the Brain, which
+    has the modules, does this for ``requires_grad=False`` parameters)::
+
+        names = {n for n, p in model.named_parameters() if not p.requires_grad}
+        opt = optim.partition({"train": optim.adam(1e-3), "frozen": optim.frozen()},
+                              lambda n: "frozen" if n in names else "train")
+
+    Frozen parameters get no gradient computed and no optimizer state.
     """
     rule = UpdateRule(optimizer, max_grad_norm=max_grad_norm, precision=precision, loss_scale=loss_scale,
                       donate=bool(donate_state))

@@ -71,6 +71,8 @@ class UpdateRule:
         norm = self.max_grad_norm
         if norm is not None and (not isinstance(norm, (int, float)) or isinstance(norm, bool)):
             raise TypeError(f"max_grad_norm: expected a number or None, got {type(norm).__name__}")
+        if norm is not None and norm != norm:  # NaN: neither a norm nor "disabled" (None or <= 0)
+            raise ValueError("max_grad_norm: expected a number (None or <= 0 disables clipping), got nan")
         object.__setattr__(self, "max_grad_norm", norm if norm is not None and norm > 0 else None)
 
     @property

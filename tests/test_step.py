@@ -350,10 +350,14 @@ def test_state_and_model_that_do_not_match_are_named():
     model = mlp(0)
     _, state, step = make(model)
     batch = batches(1)[0]
-    renamed = state.replace(params={("x." + k if k == "0.weight" else k): v for k, v in state.params.items()})
+
+    def with_params(params):  # an optimizer state made for them: the model is what does not match
+        return state.replace(params=params, opt_state=optim.adam(1e-2).init(params))
+
+    renamed = with_params({("x." + k if k == "0.weight" else k): v for k, v in state.params.items()})
     with pytest.raises(KeyError, match=r"missing \['0.weight'\], unexpected \['x.0.weight'\]"):
         step(renamed, batch)
-    reshaped = state.replace(params={**state.params, "2.bias": torch.zeros(3)})
+    reshaped = with_params({**state.params, "2.bias": torch.zeros(3)})
     with pytest.raises(ValueError, match=r"params\['2.bias'\]: expected shape \(2,\).*got \(3,\)"):
         step(reshaped, batch)
 

@@ -51,15 +51,9 @@ def adam(
     arithmetic, bit for bit; the two round differently in the last bit. :func:`fbrain.optim.from_torch`
     picks what the torch optimizer it is given would have run.
     """
-    hp.validate("lr", lr)
-    hp.validate("eps", eps)
-    hp.validate("weight_decay", weight_decay)
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
-    hp.validate("betas[0]", betas[0], 0.0, 1.0)
-    hp.validate("betas[1]", betas[1], 0.0, 1.0)
-    has_decay = callable(weight_decay) or weight_decay != 0
-    schedules = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
+    owner = "adamw" if decoupled_weight_decay else "adam"
+    schedules = hp.checked(owner, lr=lr, **hp.betas(owner, betas), eps=eps, weight_decay=weight_decay)
+    has_decay = hp.given(schedules["weight_decay"])
 
     def init(params):
         zeros = lambda: {n: torch.zeros_like(p) for n, p in params.items()}  # noqa: E731

@@ -70,17 +70,13 @@ def _coupled_decay(g, p, x):
     return g.add(p * x["weight_decay"].to(p.dtype))
 
 
-def _validated(**values) -> dict:
-    for name, value in values.items():
-        hp.validate(name, value)
-    return values
-
-
 def adagrad(lr: hp.Hyperparam = 1e-2, lr_decay: float = 0.0, weight_decay: hp.Hyperparam = 0.0,
             initial_accumulator_value: float = 0.0, eps: hp.Hyperparam = 1e-10,
             maximize: bool = False) -> GradientTransformation:
     """``torch.optim.Adagrad``."""
-    schedules = _validated(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps)
+    schedules = hp.checked("adagrad", lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps)
+    initial_accumulator_value = hp.checked_value("adagrad: initial_accumulator_value", "initial_accumulator_value",
+                                                 initial_accumulator_value, schedule=False)
 
     def step(g, p, b, x, count):
         g = _coupled_decay(g, p, x)
@@ -96,7 +92,7 @@ def adagrad(lr: hp.Hyperparam = 1e-2, lr_decay: float = 0.0, weight_decay: hp.Hy
 def adadelta(lr: hp.Hyperparam = 1.0, rho: hp.Hyperparam = 0.9, eps: hp.Hyperparam = 1e-6,
              weight_decay: hp.Hyperparam = 0.0, maximize: bool = False) -> GradientTransformation:
     """``torch.optim.Adadelta``."""
-    schedules = _validated(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay)
+    schedules = hp.checked("adadelta", lr=lr, rho=rho, eps=eps, weight_decay=weight_decay)
 
     def step(g, p, b, x, count):
         g = _coupled_decay(g, p, x)
@@ -114,7 +110,7 @@ def adadelta(lr: hp.Hyperparam = 1.0, rho: hp.Hyperparam = 0.9, eps: hp.Hyperpar
 def adamax(lr: hp.Hyperparam = 2e-3, betas: tuple = (0.9, 0.999), eps: hp.Hyperparam = 1e-8,
            weight_decay: hp.Hyperparam = 0.0, maximize: bool = False) -> GradientTransformation:
     """``torch.optim.Adamax``."""
-    schedules = _validated(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
+    schedules = hp.checked("adamax", lr=lr, **hp.betas("adamax", betas), eps=eps, weight_decay=weight_decay)
 
     def step(g, p, b, x, count):
         g = _coupled_decay(g, p, x)
@@ -143,7 +139,8 @@ def nadam(lr: hp.Hyperparam = 2e-3, betas: tuple = (0.9, 0.999), eps: hp.Hyperpa
           weight_decay: hp.Hyperparam = 0.0, momentum_decay: float = 4e-3, decoupled_weight_decay: bool = False,
           maximize: bool = False) -> GradientTransformation:
     """``torch.optim.NAdam`` (with ``decoupled_weight_decay``, the NAdamW variant)."""
-    schedules = _validated(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay,
+    owner = "nadamw" if decoupled_weight_decay else "nadam"
+    schedules = hp.checked(owner, lr=lr, **hp.betas(owner, betas), eps=eps, weight_decay=weight_decay,
                            momentum_decay=momentum_decay)
 
     def step(g, p, b, x, count):
@@ -168,7 +165,8 @@ def radam(lr: hp.Hyperparam = 1e-3, betas: tuple = (0.9, 0.999), eps: hp.Hyperpa
           weight_decay: hp.Hyperparam = 0.0, decoupled_weight_decay: bool = False,
           maximize: bool = False) -> GradientTransformation:
     """``torch.optim.RAdam`` (with ``decoupled_weight_decay``, RAdamW)."""
-    schedules = _validated(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
+    owner = "radamw" if decoupled_weight_decay else "radam"
+    schedules = hp.checked(owner, lr=lr, **hp.betas(owner, betas), eps=eps, weight_decay=weight_decay)
 
     def step(g, p, b, x, count):
         g, decayed = _decay(g, p, x, decoupled_weight_decay)

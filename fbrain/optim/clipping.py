@@ -46,7 +46,7 @@ def clip_grads_by_global_norm(grads: dict, max_norm, norm: torch.Tensor | None =
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Clip the gradients of all parameters together to a global L2 norm of at most ``max_norm``."""
-    hp.validate("max_norm", max_norm)
+    max_norm = hp.checked_value("clip_by_global_norm: max_norm", "max_norm", max_norm, schedule=False)
 
     def update(grads, state, params=None):
         return clip_grads_by_global_norm(grads, max_norm)[0], state

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from fbrain.optim import hyperparams as hp
 from fbrain.optim.base import GradientTransformation, apply, apply_updates
 from fbrain.tree import device_of, select
 
@@ -54,9 +55,9 @@ def with_ema(tx: GradientTransformation, decay: float) -> GradientTransformation
     """``tx``, plus an exponential moving average of the parameters it trains (see the module)."""
     if not isinstance(tx, GradientTransformation):
         raise TypeError(f"with_ema: expected a GradientTransformation, got {type(tx).__name__}")
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
-        raise ValueError(f"with_ema: decay must be a number in [0, 1], got {decay!r}")
-    decay = float(decay)
+    if isinstance(decay, torch.Tensor):
+        raise TypeError("with_ema: decay: expected a number, got a tensor")
+    decay = hp.checked_value("with_ema: decay", "decay", decay, schedule=False)
 
     def init(params):
         return EmaState(tx.init(params), {n: p.detach().clone() for n, p in params.items()},

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Union
+import numbers
+from typing import Any, Callable, NamedTuple, Union
 
 import torch
 
 from fbrain.tree import device_of
-from fbrain.torch_compat import register_pytree_node
+from fbrain.torch_compat import in_functorch_transform, register_pytree_node
 
 Schedule = Callable[[torch.Tensor], torch.Tensor]
 Hyperparam = Union[float, Schedule]
@@ -167,19 +168,93 @@ def hoisted(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(torch.stack(values).unbind(0)) if torch.compiler.is_compiling() else values
 
 
-def validate(name: str, value: Hyperparam, low: float = 0.0, high: float | None = None) -> None:
-    """Reject a constant hyperparameter outside ``[low, high)`` (schedules are checked by the user)."""
-    if callable(value):
-        return
+class Range(NamedTuple):
+    """The values a hyperparameter may take: finite, ``>= low``, and below ``high`` (up to it when
+    ``closed``)."""
+
+    low: float = 0.0
+    high: float = math.inf
+    closed: bool = False
+
+    def holds(self, x: float) -> bool:
+        return math.isfinite(x) and self.low <= x and (x <= self.high if self.closed else x < self.high)
+
+    def __str__(self) -> str:
+        if self.high != math.inf:
+            return f"a finite number in [{self.low:g}, {self.high:g}{']' if self.closed else ')'}"
+        return "a finite number" if self.low == -math.inf else f"a finite number >= {self.low:g}"
+
+
+#: Every hyperparameter's range, by its name in the state: torch.optim's checks (lr, eps, weight
+#: decay, momentum >= 0; betas in [0, 1); Adadelta's rho in [0, 1] ...), and finite. Names not here
+#: may be any finite number.
+RANGES = {
+    **dict.fromkeys(["lr", "eps", "weight_decay", "momentum", "dampening", "lr_decay",
+                     "initial_accumulator_value", "momentum_decay", "max_norm"], Range()),
+    "beta1": Range(0.0, 1.0), "beta2": Range(0.0, 1.0),
+    # RMSprop's alpha above 1 makes its square average negative (torch checks alpha >= 0 only).
+    "alpha": Range(0.0, 1.0, closed=True), "rho": Range(0.0, 1.0, closed=True), "decay": Range(0.0, 1.0, closed=True),
+}
+
+#: How a constructor's argument is written where it differs from the hyperparameter's name.
+ARGUMENTS = {"beta1": "betas[0]", "beta2": "betas[1]"}
+
+
+def _readable(value: torch.Tensor) -> bool:
+    """Whether a tensor's value may be read here without a host synchronisation or breaking a
+    transform: a CPU tensor outside autograd, vmap/grad and torch.compile. Others (a learning rate
+    that requires grad for meta-learning, one on an accelerator) are taken as they are, unchecked."""
+    return (value.device.type == "cpu" and not value.requires_grad and not torch.compiler.is_compiling()
+            and not in_functorch_transform())
+
+
+def checked_value(where: str, name: str, value: Any, *, schedule: bool = True) -> Any:
+    """``value`` for the hyperparameter ``name``, checked against :data:`RANGES`: a Python number
+    becomes a float; a 0-dim tensor and (if ``schedule``) a schedule pass as they are. ``where``
+    names the caller in the error (``"adam: lr"``)."""
+    if schedule and callable(value) and not isinstance(value, torch.Tensor):
+        return value  # a schedule: its values are the caller's (evaluated on the device, per update)
+    accepts = "a number, a 0-dim tensor or a schedule" if schedule else "a number"
+    allowed = RANGES.get(name, Range(-math.inf))
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name}: expected a number, got a tensor of shape {tuple(value.shape)}")
-        value = float(value)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected a number or a schedule, got {type(value).__name__}")
-    if value < low or (high is not None and value >= high):
-        bound = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name}: expected a value {bound}, got {value}")
+        if value.numel() != 1 or value.dtype.is_complex or value.dtype == torch.bool:
+            what = f"shape {tuple(value.shape)}" if value.numel() != 1 else f"dtype {value.dtype}"
+            raise TypeError(f"{where}: expected {accepts}, got a tensor of {what}")
+        if not _readable(value):
+            return value
+        number = float(value.detach().reshape(()))
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float64
+            raise ValueError(f"{where}: expected {allowed}, got an int of {int(value).bit_length()} bits") from None
+    else:
+        raise TypeError(f"{where}: expected {accepts}, got {type(value).__name__}")
+    if not allowed.holds(number):
+        raise ValueError(f"{where}: expected {allowed}, got {number}")
+    return value if isinstance(value, torch.Tensor) else number
+
+
+def checked(owner: str, **values: Any) -> dict[str, Any]:
+    """An optimizer's hyperparameters (by their names in the state), each checked with
+    :func:`checked_value`; errors name ``owner`` and the argument (``"adam: betas[1]: ..."``).
+    Every constructor passes its hyperparameters through here, once, before building anything."""
+    return {name: checked_value(f"{owner}: {ARGUMENTS.get(name, name)}", name, value) for name, value in values.items()}
+
+
+def given(value: Any) -> bool:
+    """Whether a checked hyperparameter such as a weight decay is in use, which an optimizer decides
+    when it is built: a schedule, or a tensor whose value is not read here, is; a number unless 0."""
+    if isinstance(value, torch.Tensor):
+        return not _readable(value) or float(value.detach().reshape(())) != 0
+    return callable(value) or value != 0
+
+
+def betas(owner: str, value: Any) -> dict[str, Any]:
+    """``{"beta1": ..., "beta2": ...}`` from a ``betas`` argument, which must be a pair."""
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise TypeError(f"{owner}: betas: expected a pair (beta1, beta2), got {value!r:.80}")
+    return {"beta1": value[0], "beta2": value[1]}
 
 
 def _walk(state: Any, fn: Callable[[dict], dict]) -> Any:
@@ -215,8 +290,12 @@ def set_hyperparams(opt_state: Any, **values: float | torch.Tensor) -> Any:
     """A new optimizer state with the named hyperparameters set everywhere they occur (between
     steps: a tensor given for a :class:`Static` entry is read once).
 
-    Raises ``KeyError`` for a name no optimizer in ``opt_state`` has.
+    Raises ``KeyError`` for a name no optimizer in ``opt_state`` has, and ``ValueError`` /
+    ``TypeError`` for a value outside the hyperparameter's range (:data:`RANGES`) or not a number.
+    A tensor stays allowed (a learning rate for meta-learning); its value is checked where reading
+    it needs no host synchronisation (a CPU tensor that does not require grad; see :func:`_readable`).
     """
+    values = {k: checked_value(f"set_hyperparams: {k}", k, v, schedule=False) for k, v in values.items()}
     seen: set[str] = set()
 
     def assign(hp):
@@ -225,7 +304,10 @@ def set_hyperparams(opt_state: Any, **values: float | torch.Tensor) -> Any:
             if k in hp:
                 seen.add(k)
                 old = hp[k]
-                new[k] = Static(_number(v)) if isinstance(old, Static) else _scalar(v, old.dtype, old.device)
+                if isinstance(old, Static):  # read once here, so checked whatever tensor it came from
+                    new[k] = Static(checked_value(f"set_hyperparams: {k}", k, _number(v), schedule=False))
+                else:
+                    new[k] = _scalar(v, old.dtype, old.device)
         return new
 
     new_state = _walk(opt_state, assign)

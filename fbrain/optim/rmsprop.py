@@ -41,12 +41,8 @@ def rmsprop(
     maximize: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.RMSprop`` as a pure transformation."""
-    for name, value in [("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("momentum", momentum)]:
-        hp.validate(name, value)
-    hp.validate("alpha", alpha, 0.0, 1.0 + 1e-12)
-    has_momentum = callable(momentum) or momentum != 0
-    has_decay = callable(weight_decay) or weight_decay != 0
-    schedules = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum)
+    schedules = hp.checked("rmsprop", lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum)
+    has_momentum, has_decay = hp.given(schedules["momentum"]), hp.given(schedules["weight_decay"])
 
     def init(params):
         zeros = lambda: {n: torch.zeros_like(p) for n, p in params.items()}  # noqa: E731

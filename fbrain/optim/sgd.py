@@ -49,14 +49,10 @@ def sgd(
     schedule); weight decay is applied only when given non-zero. Both choices
     are fixed when the optimizer is built; the values stay tunable tensors.
     """
-    for name, value in [("lr", lr), ("momentum", momentum), ("dampening", dampening),
-                        ("weight_decay", weight_decay)]:
-        hp.validate(name, value)
-    has_momentum = callable(momentum) or momentum != 0
-    has_decay = callable(weight_decay) or weight_decay != 0
-    if nesterov and (not has_momentum or callable(dampening) or dampening != 0):
-        raise ValueError("nesterov: Nesterov momentum requires momentum > 0 and dampening = 0")
-    schedules = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+    schedules = hp.checked("sgd", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+    has_momentum, has_decay, damped = (hp.given(schedules[n]) for n in ("momentum", "weight_decay", "dampening"))
+    if nesterov and (not has_momentum or damped):
+        raise ValueError("sgd: nesterov: Nesterov momentum requires momentum > 0 and dampening = 0")
 
     def init(params):
         return SGDState(
