@@ -199,13 +199,18 @@ def default_load(obj: Any, path: str, end_of_epoch: bool, allow_partial: bool) -
 
 
 def load_all(items: dict[str, tuple[Any, str, Callable | None]], end_of_epoch: bool,
-             allow_partial: bool, save_hooks: dict[str, Callable] | None = None) -> None:
+             allow_partial: bool, save_hooks: dict[str, Callable] | None = None,
+             before_changing: Callable[[], None] | None = None) -> None:
     """Load ``{name: (obj, path, custom_load_hook)}`` as one transaction (see the module's doc):
     if any recoverable fails, every object is as it was and the error is raised. An unchecked
     recoverable that cannot be backed up (a load hook without a save hook, no ``state_dict``) is
-    loaded without a backup, after a warning: it alone could be left half-loaded."""
+    loaded without a backup, after a warning: it alone could be left half-loaded.
+    ``before_changing`` runs once every checked file was read, before any object changes; what it
+    raises aborts the load (the Checkpointer checks that the folder is still the one it listed)."""
     prepared = {name: prepare(obj, path, end_of_epoch, allow_partial, hook)
                 for name, (obj, path, hook) in items.items()}
+    if before_changing is not None:
+        before_changing()
     save_hooks = save_hooks or {}
     backup_dir = tempfile.mkdtemp(prefix="fbrain-recovery-")
     try:
