@@ -112,7 +112,7 @@ class Brain:
             setattr(self, name, value)
         if _distributed.launched():
             # Started by torchrun: join the process group, one device per rank.
-            placement = {"device": str(self.device), "distributed_backend": self.distributed_backend}
+            placement = {"device": self.device, "distributed_backend": self.distributed_backend}
             _distributed.ddp_init_group(placement)
             self.device = placement["device"]
         device = resolve_device(self.device)  # "cuda" -> the current one (cuda:LOCAL_RANK under torchrun)
