@@ -35,6 +35,8 @@ def new_key(seed: int) -> torch.Tensor:
     """A fresh key: the state of a CPU generator seeded with ``seed``."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not -(2**63) <= seed < 2**64:  # what a torch generator takes (64 bits)
+        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed}")
     return torch.Generator().manual_seed(seed).get_state()
 
 

@@ -97,7 +97,7 @@ class TrainStep(_RandomnessFromState):
                  bucket_elements: int = sharding.BUCKET_ELEMENTS):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a function (params, buffers, batch, rng) -> loss, got {loss_fn!r}")
-        if not (isinstance(accumulation, int) and accumulation >= 1):
+        if not (isinstance(accumulation, int) and not isinstance(accumulation, bool) and accumulation >= 1):
             raise ValueError(f"accumulation: expected an int >= 1, got {accumulation!r}")
         self.loss_fn = loss_fn
         self.rule = rule
@@ -261,8 +261,15 @@ def make_train_step(
 
     Frozen parameters get no gradient computed and no optimizer state.
     """
+    for name, value in (("per_example", per_example), ("donate_state", donate_state),
+                        ("shard_optimizer_state", shard_optimizer_state)):
+        if not isinstance(value, bool):  # a string such as "false" must not switch it on
+            raise TypeError(f"make_train_step: {name}: expected True or False, got {value!r}")
+    if not isinstance(loss_scale, DynamicLossScale):
+        raise TypeError(f"make_train_step: loss_scale: expected an fbrain.DynamicLossScale, got "
+                        f"{type(loss_scale).__name__}")
     rule = UpdateRule(optimizer, max_grad_norm=max_grad_norm, precision=precision, loss_scale=loss_scale,
-                      donate=bool(donate_state))
+                      donate=donate_state)
     return TrainStep(loss_fn, rule, accumulation=accumulation, per_example=per_example, process_group=process_group,
                      shard_optimizer_state=shard_optimizer_state, bucket_elements=bucket_elements)
 

@@ -45,6 +45,9 @@ from fbrain.tree import device_of, select
 Grads = dict[str, torch.Tensor]
 
 
+_LARGEST_FLOAT32 = float(torch.finfo(torch.float32).max)
+
+
 @dataclasses.dataclass(frozen=True)
 class UpdateRule:
     """How gradients become the next state; fixed when a step is built.
@@ -71,9 +74,12 @@ class UpdateRule:
         norm = self.max_grad_norm
         if norm is not None and (not isinstance(norm, (int, float)) or isinstance(norm, bool)):
             raise TypeError(f"max_grad_norm: expected a number or None, got {type(norm).__name__}")
-        if norm is not None and norm != norm:  # NaN: neither a norm nor "disabled" (None or <= 0)
-            raise ValueError("max_grad_norm: expected a number (None or <= 0 disables clipping), got nan")
-        object.__setattr__(self, "max_grad_norm", norm if norm is not None and norm > 0 else None)
+        if norm is not None and (norm != norm or abs(norm) > _LARGEST_FLOAT32):
+            # NaN is neither a norm nor "disabled" (None or <= 0); a norm past float32's range
+            # (inf included) is no clipping: say None.
+            raise ValueError(f"max_grad_norm: expected a finite float32 number (None or <= 0 disables clipping), "
+                             f"got {norm}")
+        object.__setattr__(self, "max_grad_norm", float(norm) if norm is not None and norm > 0 else None)
 
     @property
     def fp16(self) -> bool:

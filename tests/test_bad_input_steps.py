@@ -140,7 +140,7 @@ def test_the_check_accepts_changed_hyperparameters_and_checks_each_layout_once()
     (lambda: optim.adam(lr=torch.tensor(NAN)), "adam: lr: expected a finite number >= 0, got nan"),
     (lambda: optim.adam(lr="fast"), "adam: lr: expected a number, a 0-dim tensor or a schedule, got str"),
     (lambda: optim.sgd(lr=True), "sgd: lr: expected a number, a 0-dim tensor or a schedule, got bool"),
-    (lambda: fbrain.make_train_step(lambda *a: 0, optim.sgd(0.1), max_grad_norm=NAN), "max_grad_norm: expected a number"),
+    (lambda: fbrain.make_train_step(lambda *a: 0, optim.sgd(0.1), max_grad_norm=NAN), "max_grad_norm: expected a finite float32 number"),
 ])
 def test_bad_hyperparameters_are_named_by_optimizer_and_parameter(build, message):
     with pytest.raises((ValueError, TypeError)) as err:
@@ -269,3 +269,34 @@ def test_what_torch_optim_refuses_is_refused(torch_ctor, twin, kwargs):
         torch_ctor([torch.nn.Parameter(torch.zeros(1))], **kwargs)
     with pytest.raises(ValueError, match=next(iter(k for k in kwargs if k != "lr" or len(kwargs) == 1))):
         twin(**kwargs)
+
+
+# -- make_train_step's and TrainState.create's own arguments ------------------------------------------
+
+ANY = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+                st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+                st.sampled_from(["fp32", "bf16", "fp16", "true", "false"]))
+STEP_ARGUMENTS = ("max_grad_norm", "precision", "accumulation", "per_example", "donate_state", "loss_scale")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(STEP_ARGUMENTS + ("seed",)), value=ANY)
+def test_any_argument_to_make_train_step_or_create_is_a_named_error_or_a_finite_step(name, value):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = optim.sgd(0.1)
+    try:
+        state = fbrain.TrainState.create(model, opt, **({"seed": value} if name == "seed" else {}))
+        step = fbrain.make_train_step(loss_of(model), opt, **({name: value} if name != "seed" else {}))
+    except (TypeError, ValueError) as err:
+        assert name in str(err), err
+        event("named error")
+        return
+    accumulation = value if name == "accumulation" else 1
+    if accumulation > 8:  # a valid, large micro-batch count: built; a run would only take long
+        event("built")
+        return
+    batch = torch.randn(accumulation, 4, 3) if accumulation > 1 else torch.randn(4, 3)
+    new, metrics = step(state, batch)
+    assert all(torch.isfinite(p).all() for p in new.params.values())
+    event("trained")
