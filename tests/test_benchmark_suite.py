@@ -95,12 +95,16 @@ def test_without_matplotlib_the_chart_step_says_how_to_get_it_and_the_suite_ends
     assert (tmp_path / "results.json").exists() and not (tmp_path / "chart.png").exists()
 
 
-def test_the_start_line_names_the_expected_duration_of_the_chosen_mode_and_workloads():
-    from benchmarks.suite import EXPECTED_SECONDS, expected_duration
-    assert sum(EXPECTED_SECONDS["quick"][w] for w in QUICK) == 328  # the cold quick run of 2026-12-07 23:17
-    assert expected_duration("quick", QUICK).startswith("expected: about 5 minutes on a quiet 2-core CPU; ")
-    assert expected_duration("quick", ["tiny-linear"]).startswith("expected: about 2 minutes")
-    assert expected_duration("tiny", ["mlp"]).startswith("expected: about 16 seconds")
-    full = expected_duration("full", QUICK + ["convtasnet-large"])
-    assert full.startswith("expected: more than about 5 minutes") and "not timed: convtasnet-large" in full
+def test_the_start_line_names_the_expected_duration_of_the_chosen_mode_and_workloads(monkeypatch):
+    from benchmarks import suite
+    # The arithmetic, on a table of its own (the real figures are measurements that will be refreshed).
+    monkeypatch.setattr(suite, "EXPECTED_SECONDS", {"quick": {"a": 200, "b": 130}, "tiny": {"a": 16}})
+    assert suite.expected_duration("quick", ["a", "b"]).startswith("expected: about 6 minutes on a quiet 2-core CPU; ")
+    assert suite.expected_duration("quick", ["b"]).startswith("expected: about 2 minutes")
+    assert suite.expected_duration("tiny", ["a"]).startswith("expected: about 16 seconds")
+    full = suite.expected_duration("full", ["a", "b", "c"])
+    assert full.startswith("expected: more than about 6 minutes") and "not timed: c" in full
+    monkeypatch.undo()
+    # Every quick workload has a measured figure.
+    assert set(QUICK) <= set(suite.EXPECTED_SECONDS["quick"])
     assert "a busy machine takes several times longer" in full
